@@ -1,0 +1,1 @@
+//! FUSE filesystem (written in the fs task).

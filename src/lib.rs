@@ -1,0 +1,24 @@
+//! imagefs: mount a container image straight from a registry as a read-only filesystem,
+//! fetching layer data only when somebody reads it.
+//!
+//! The pipeline, one module per stage:
+//!
+//! 1. [`reference`] parses and normalises `busybox`, `host:5000/ns/app:tag@sha256:…`.
+//! 2. [`registry`] speaks the distribution v2 protocol: auth, manifests, blobs with Range.
+//! 3. [`oci`] types the manifest / index / config on top of `oci-spec`, picks the platform.
+//! 4. [`store`] keeps verified, content-addressed blobs and extracted layers on disk.
+//! 5. [`layer`] decompresses (gzip, zstd, none), indexes and extracts tar layers.
+//! 6. [`overlay`] merges layer indexes into one tree with OCI whiteout semantics (pure).
+//! 7. [`fs`] serves that tree over FUSE; it is the only module that knows errno and inodes.
+//! 8. [`cli`] wires it together for the `imagefs` binary.
+//!
+//! Invariants are listed in `docs/architecture.md`.
+
+pub mod cli;
+pub mod fs;
+pub mod layer;
+pub mod oci;
+pub mod overlay;
+pub mod reference;
+pub mod registry;
+pub mod store;

@@ -1,0 +1,1 @@
+//! Distribution v2 client (written in the registry task).

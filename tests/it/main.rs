@@ -1,0 +1,4 @@
+//! The one integration-test binary: drives the real `imagefs` executable against real
+//! registries (Debian's `docker-registry`) and real FUSE mounts.
+
+mod support;

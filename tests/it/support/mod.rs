@@ -1,0 +1,1 @@
+//! Test harness: registries, token issuer, image builder, imagefs runner.
