@@ -1,6 +1,9 @@
 //! Layer blobs: decompression (gzip, zstd, none), the tar indexer that turns a layer into a
-//! [`LayerIndex`], and extraction of file data into the store. No network, no FUSE.
+//! [`LayerIndex`], and extraction of file data into a directory. No network, no FUSE, no
+//! async.
 
+pub mod decompress;
 pub mod index;
+pub mod tar;
 
-pub use index::{Entry, EntryKind, LayerIndex, Timespec};
+pub use index::{DataRef, Entry, EntryKind, LayerIndex, Timespec, Xattr};

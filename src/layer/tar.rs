@@ -1,0 +1,457 @@
+//! One pass over a layer's tar stream: every entry becomes an [`Entry`] of the
+//! [`LayerIndex`], and the content of regular files is written to `data_dir/<id>`.
+//!
+//! Tar flavours: ustar, PAX (long names and link targets, `mtime` with nanoseconds,
+//! `SCHILY.xattr.*`, large `size`/`uid`/`gid`), GNU long names and GNU sparse files (the
+//! `tar` crate expands sparse data; zero runs are written back as holes). Names are kept as
+//! raw bytes.
+//!
+//! Paths are cleaned lexically as if joined to `/` (Go's `filepath.Clean("/" + name)`, which
+//! is what umoci and containerd do): absolute names are relative to the layer root and `..`
+//! cannot climb above it. Nothing here touches the host outside `data_dir`, and data files
+//! are named by number, never by the entry's name, so no tar entry can write elsewhere.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use tar::EntryType;
+
+use super::index::{DataRef, Entry, EntryKind, LayerIndex, Timespec, Xattr};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TarError {
+    #[error("reading the layer tar: {source}")]
+    Read {
+        #[source]
+        source: io::Error,
+    },
+    #[error("tar entry {path:?}: {message}")]
+    Entry { path: String, message: String },
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Names written by eStargz tools at the layer root; eStargz-aware readers hide them.
+pub const ESTARGZ_META_NAMES: [&[u8]; 3] = [
+    b"stargz.index.json",
+    b".prefetch.landmark",
+    b".no.prefetch.landmark",
+];
+
+/// Index `reader` (an uncompressed tar stream) and, when `data_dir` is given, extract file
+/// contents into it. Reads up to the tar end-of-archive marker; the caller drains the rest
+/// of the stream (to hash all of it for the diff_id).
+pub fn index_layer<R: Read>(reader: R, data_dir: Option<&Path>) -> Result<LayerIndex, TarError> {
+    let mut archive = tar::Archive::new(reader);
+    let mut entries = Vec::new();
+    let mut next_id: u32 = 0;
+    let iter = archive
+        .entries()
+        .map_err(|source| TarError::Read { source })?;
+    for item in iter {
+        let mut te = item.map_err(|source| TarError::Read { source })?;
+        let header = te.header().clone();
+        let raw_path = te.path_bytes().into_owned();
+        let path = clean_path(&raw_path);
+        let shown = String::from_utf8_lossy(&raw_path).into_owned();
+        let bad = |message: String| TarError::Entry {
+            path: shown.clone(),
+            message,
+        };
+
+        let kind = match header.entry_type() {
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => EntryKind::File,
+            EntryType::Directory => EntryKind::Dir,
+            EntryType::Symlink => EntryKind::Symlink,
+            EntryType::Link => EntryKind::Hardlink,
+            EntryType::Char => EntryKind::CharDev,
+            EntryType::Block => EntryKind::BlockDev,
+            EntryType::Fifo => EntryKind::Fifo,
+            // Global PAX headers carry no entry; we read no archive-wide defaults from them
+            // (umoci ignores them as well).
+            EntryType::XGlobalHeader => continue,
+            other => {
+                // Unknown types are treated as regular files by POSIX tar readers
+                // ("unrecognized typeflag … shall be treated as a regular file").
+                tracing::debug!(path = %shown, typeflag = ?other, "unknown tar type, treating as file");
+                EntryKind::File
+            }
+        };
+
+        let old = header.as_old();
+        let mode = numeric(header.mode().map(u64::from), &old.mode).map_err(&bad)?;
+        let mut entry = Entry::new(path, kind, (mode & 0o7777) as u32);
+        entry.uid = u32::try_from(numeric(header.uid(), &old.uid).map_err(&bad)?)
+            .map_err(|_| bad("uid does not fit in 32 bits".into()))?;
+        entry.gid = u32::try_from(numeric(header.gid(), &old.gid).map_err(&bad)?)
+            .map_err(|_| bad("gid does not fit in 32 bits".into()))?;
+        entry.mtime = Timespec {
+            sec: numeric(header.mtime(), &old.mtime).map_err(&bad)? as i64,
+            nsec: 0,
+        };
+
+        if let Some(pax) = te.pax_extensions().map_err(|source| TarError::Read { source })? {
+            for ext in pax {
+                let ext = ext.map_err(|source| TarError::Read { source })?;
+                let key = ext.key_bytes();
+                if key == b"mtime" {
+                    if let Some(ts) = parse_pax_time(ext.value_bytes()) {
+                        entry.mtime = ts;
+                    }
+                } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                    entry.xattrs.push(Xattr {
+                        name: name.to_vec(),
+                        value: ext.value_bytes().to_vec(),
+                    });
+                }
+            }
+        }
+
+        match kind {
+            EntryKind::Symlink => {
+                // Verbatim: a symlink target is never cleaned or resolved.
+                entry.link = Some(te.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default());
+            }
+            EntryKind::Hardlink => {
+                let target = te
+                    .link_name_bytes()
+                    .ok_or_else(|| bad("hardlink without a target".into()))?;
+                entry.link = Some(clean_path(&target));
+            }
+            EntryKind::CharDev | EntryKind::BlockDev => {
+                let major = header.device_major().ok().flatten().unwrap_or(0);
+                let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                entry.rdev = (major, minor);
+            }
+            EntryKind::File => {
+                let id = next_id;
+                let size = match data_dir {
+                    Some(dir) => {
+                        let file_path = data_path(dir, DataRef { id });
+                        let n = write_file(&mut te, &file_path)?;
+                        if n == 0 {
+                            let _ = std::fs::remove_file(&file_path);
+                        }
+                        n
+                    }
+                    None => io::copy(&mut te, &mut io::sink())
+                        .map_err(|source| TarError::Read { source })?,
+                };
+                entry.size = size;
+                if size > 0 {
+                    entry.data = Some(DataRef { id });
+                    next_id = next_id
+                        .checked_add(1)
+                        .ok_or_else(|| bad("more than 2^32 files in one layer".into()))?;
+                }
+            }
+            EntryKind::Dir | EntryKind::Fifo => {}
+        }
+        entries.push(entry);
+    }
+
+    // eStargz layers are valid tar.gz; their metadata entries are not part of the image.
+    let is_estargz = entries
+        .iter()
+        .any(|e| e.path == b"stargz.index.json" && e.kind == EntryKind::File);
+    if is_estargz {
+        entries.retain(|e| !ESTARGZ_META_NAMES.contains(&e.path.as_slice()));
+    }
+    Ok(LayerIndex { entries })
+}
+
+/// Where the content with `data` lives under a layer's data directory.
+pub fn data_path(dir: &Path, data: DataRef) -> PathBuf {
+    dir.join(data.id.to_string())
+}
+
+/// Copy an entry's content to a new file, leaving runs of zeros as holes so that sparse
+/// files stay sparse on disk. Returns the number of content bytes.
+fn write_file(reader: &mut impl Read, path: &Path) -> Result<u64, TarError> {
+    const BUF: usize = 1 << 20;
+    const BLOCK: usize = 64 << 10;
+    let werr = |source| TarError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(werr)?;
+    let mut buf = vec![0u8; BUF];
+    let mut total: u64 = 0;
+    let mut hole = false;
+    loop {
+        let n = read_full(reader, &mut buf).map_err(|source| TarError::Read { source })?;
+        if n == 0 {
+            break;
+        }
+        let mut start = 0;
+        while start < n {
+            let end = (start + BLOCK).min(n);
+            let block = &buf[start..end];
+            if block.iter().all(|&b| b == 0) {
+                file.seek(SeekFrom::Current(block.len() as i64))
+                    .map_err(werr)?;
+                hole = true;
+            } else {
+                file.write_all(block).map_err(werr)?;
+                hole = false;
+            }
+            start = end;
+        }
+        total += n as u64;
+    }
+    if hole {
+        file.set_len(total).map_err(werr)?;
+    }
+    Ok(total)
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// `filepath.Clean("/" + name)` without the leading slash: the root is the empty path.
+pub fn clean_path(raw: &[u8]) -> Vec<u8> {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for comp in raw.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    parts.join(&b'/')
+}
+
+/// A numeric header field; an empty one (all NUL or spaces) reads as 0, as in GNU tar and
+/// Go's archive/tar.
+fn numeric(parsed: io::Result<u64>, raw: &[u8]) -> Result<u64, String> {
+    match parsed {
+        Ok(v) => Ok(v),
+        Err(_) if raw.iter().all(|&b| b == 0 || b == b' ') => Ok(0),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// PAX times are decimal seconds with an optional fraction: `1704067200.123456789`.
+fn parse_pax_time(v: &[u8]) -> Option<Timespec> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let sec: i64 = int.parse().ok()?;
+    let mut nsec: u32 = 0;
+    if !frac.is_empty() {
+        if !frac.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+        nsec = digits.parse().ok()?;
+    }
+    // A negative time with a fraction counts the fraction towards the past.
+    if sec < 0 || int.starts_with('-') {
+        if nsec > 0 {
+            return Some(Timespec {
+                sec: sec - 1,
+                nsec: 1_000_000_000 - nsec,
+            });
+        }
+    }
+    Some(Timespec { sec, nsec })
+}
+
+/// Open a layer data file for reading.
+pub fn open_data(dir: &Path, data: DataRef) -> io::Result<File> {
+    File::open(data_path(dir, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_paths() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"./", b""),
+            (b".", b""),
+            (b"/", b""),
+            (b"./etc/passwd", b"etc/passwd"),
+            (b"/etc//passwd/", b"etc/passwd"),
+            (b"../../etc/passwd", b"etc/passwd"),
+            (b"a/b/../c", b"a/c"),
+            (b"a/./b", b"a/b"),
+            (b"\xff/x", b"\xff/x"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(clean_path(input), *want, "{:?}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn pax_times() {
+        let cases: &[(&str, Option<(i64, u32)>)] = &[
+            ("1704067200", Some((1704067200, 0))),
+            ("1704067200.5", Some((1704067200, 500_000_000))),
+            ("1704067200.123456789", Some((1704067200, 123_456_789))),
+            ("1704067200.1234567891", Some((1704067200, 123_456_789))),
+            ("-1.5", Some((-2, 500_000_000))),
+            ("x", None),
+            ("1.x", None),
+        ];
+        for (input, want) in cases {
+            let got = parse_pax_time(input.as_bytes()).map(|t| (t.sec, t.nsec));
+            assert_eq!(got, *want, "{input}");
+        }
+    }
+
+    fn build(f: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        f(&mut b);
+        b.into_inner().unwrap()
+    }
+
+    fn header(kind: EntryType, size: u64, mode: u32) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(mode);
+        h.set_mtime(1_704_067_200);
+        h
+    }
+
+    #[test]
+    fn indexes_and_extracts() {
+        let tarball = build(|b| {
+            b.append_data(&mut header(EntryType::Directory, 0, 0o755), "./", &[][..])
+                .unwrap();
+            let mut h = header(EntryType::Regular, 5, 0o4755);
+            h.set_uid(1000);
+            h.set_gid(1001);
+            b.append_data(&mut h, "./bin/su", &b"hello"[..]).unwrap();
+            b.append_data(&mut header(EntryType::Regular, 0, 0o644), "empty", &[][..])
+                .unwrap();
+            let mut h = header(EntryType::Symlink, 0, 0o777);
+            b.append_link(&mut h, "bin/sh", "../x/y").unwrap();
+            let mut h = header(EntryType::Link, 0, 0o755);
+            b.append_link(&mut h, "bin/su2", "./bin/su").unwrap();
+            let long = format!("{}/file", "d".repeat(200));
+            b.append_data(&mut header(EntryType::Regular, 2, 0o600), &long, &b"ok"[..])
+                .unwrap();
+            let mut h = header(EntryType::Char, 0, 0o666);
+            h.set_device_major(5).unwrap();
+            h.set_device_minor(1).unwrap();
+            b.append_data(&mut h, "dev/console", &[][..]).unwrap();
+            b.append_data(&mut header(EntryType::Regular, 0, 0o644), "dir/.wh.gone", &[][..])
+                .unwrap();
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let idx = index_layer(&tarball[..], Some(dir.path())).unwrap();
+        let paths: Vec<String> = idx
+            .entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.path).into_owned())
+            .collect();
+        let long = format!("{}/file", "d".repeat(200));
+        assert_eq!(
+            paths,
+            ["", "bin/su", "empty", "bin/sh", "bin/su2", &long, "dev/console", "dir/.wh.gone"]
+        );
+        let su = &idx.entries[1];
+        assert_eq!((su.mode, su.uid, su.gid, su.size), (0o4755, 1000, 1001, 5));
+        assert_eq!(su.mtime.sec, 1_704_067_200);
+        let data = su.data.unwrap();
+        assert_eq!(std::fs::read(data_path(dir.path(), data)).unwrap(), b"hello");
+        assert_eq!(idx.entries[2].data, None);
+        assert_eq!(idx.entries[3].link.as_deref(), Some(&b"../x/y"[..]));
+        assert_eq!(idx.entries[4].kind, EntryKind::Hardlink);
+        assert_eq!(idx.entries[4].link.as_deref(), Some(&b"bin/su"[..]));
+        assert_eq!(idx.entries[6].rdev, (5, 1));
+        assert_eq!(idx.entries[6].kind, EntryKind::CharDev);
+    }
+
+    #[test]
+    fn pax_xattrs_and_nanoseconds() {
+        let tarball = build(|b| {
+            let mut h = header(EntryType::Regular, 1, 0o755);
+            let pax: Vec<(&str, &[u8])> = vec![
+                ("mtime", b"1704067200.000000123"),
+                ("SCHILY.xattr.security.capability", b"\x01\x00\x00\x02"),
+                ("SCHILY.xattr.user.empty", b""),
+            ];
+            b.append_pax_extensions(pax).unwrap();
+            b.append_data(&mut h, "ping", &b"x"[..]).unwrap();
+        });
+        let idx = index_layer(&tarball[..], None).unwrap();
+        let e = &idx.entries[0];
+        assert_eq!(e.mtime, Timespec { sec: 1_704_067_200, nsec: 123 });
+        assert_eq!(e.xattrs.len(), 2);
+        assert_eq!(e.xattrs[0].name, b"security.capability");
+        assert_eq!(e.xattrs[1].value, b"");
+        assert_eq!(e.data, Some(DataRef { id: 0 }));
+    }
+
+    #[test]
+    fn zero_runs_become_holes() {
+        let mut content = vec![0u8; 8 << 20];
+        content[0] = 1;
+        let last = content.len() - 1;
+        content[last] = 2;
+        let tarball = build(|b| {
+            b.append_data(&mut header(EntryType::Regular, content.len() as u64, 0o644), "big", &content[..])
+                .unwrap();
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let idx = index_layer(&tarball[..], Some(dir.path())).unwrap();
+        let p = data_path(dir.path(), idx.entries[0].data.unwrap());
+        assert_eq!(std::fs::read(&p).unwrap(), content);
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(&p).unwrap().blocks();
+        assert!(blocks * 512 < 1 << 20, "{blocks} blocks: not sparse");
+    }
+
+    #[test]
+    fn estargz_metadata_is_hidden_only_in_estargz_layers() {
+        let with_toc = build(|b| {
+            for name in [".prefetch.landmark", "etc/os-release", "stargz.index.json"] {
+                b.append_data(&mut header(EntryType::Regular, 1, 0o644), name, &b"x"[..])
+                    .unwrap();
+            }
+        });
+        let idx = index_layer(&with_toc[..], None).unwrap();
+        assert_eq!(idx.entries.len(), 1);
+        assert_eq!(idx.entries[0].path, b"etc/os-release");
+
+        let plain = build(|b| {
+            b.append_data(&mut header(EntryType::Regular, 1, 0o644), ".prefetch.landmark", &b"x"[..])
+                .unwrap();
+        });
+        assert_eq!(index_layer(&plain[..], None).unwrap().entries.len(), 1);
+    }
+
+    #[test]
+    fn truncated_archive_is_an_error() {
+        let tarball = build(|b| {
+            b.append_data(&mut header(EntryType::Regular, 5000, 0o644), "f", &vec![7u8; 5000][..])
+                .unwrap();
+        });
+        let err = index_layer(&tarball[..2048], None).unwrap_err();
+        assert!(err.to_string().contains("reading the layer tar"), "{err}");
+    }
+}

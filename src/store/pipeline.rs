@@ -1,0 +1,598 @@
+//! Fetching a layer into the store in one streaming pass:
+//! download → (tee to the partial blob file) → verify digest → decompress → tar index →
+//! extract file data → verify diff_id → rename into place.
+//!
+//! An interrupted download keeps its partial file; the next attempt re-reads that prefix
+//! locally and asks the source only for the rest (HTTP Range). Nothing becomes visible under
+//! a digest before both the blob digest and the diff_id verified.
+
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+
+use super::{Store, StoreError, io_err};
+use crate::layer::decompress::{self, Limits};
+use crate::layer::tar::index_layer;
+use crate::oci::{Compression, Digest, Hasher};
+
+/// Error from a [`BlobSource`], kept as the source's own error (its Display says what
+/// happened and what to do).
+pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A blob body from `start` onwards (`start` may be smaller than what was asked for when the
+/// source cannot seek, e.g. a registry that ignores Range).
+pub struct BlobBody {
+    pub start: u64,
+    pub stream: Pin<Box<dyn Stream<Item = Result<Bytes, SourceError>> + Send>>,
+}
+
+/// Where blob bytes come from (the registry, in the binary). The store knows nothing else of
+/// it.
+pub trait BlobSource: Send + Sync {
+    fn fetch<'a>(
+        &'a self,
+        digest: &'a Digest,
+        offset: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<BlobBody, SourceError>> + Send + 'a>>;
+}
+
+/// Progress of one layer, for progress bars and logs.
+#[derive(Clone, Debug)]
+pub enum LayerEvent {
+    /// Already extracted: nothing to do.
+    Cached,
+    /// Starting; `resumed` bytes are already local.
+    Started { size: u64, resumed: u64 },
+    /// `n` more compressed bytes processed.
+    Progress { n: u64 },
+    /// Transient failure, retrying.
+    Retrying { attempt: u32, reason: String },
+    Done,
+}
+
+/// What to fetch and how to check it.
+#[derive(Clone, Debug)]
+pub struct LayerJob {
+    pub digest: Digest,
+    pub size: u64,
+    pub diff_id: Digest,
+    pub compression: Compression,
+    pub limits: Limits,
+    /// Attempts for transient (network) failures; the partial download is kept between them.
+    pub attempts: u32,
+}
+
+type Progress = Arc<dyn Fn(LayerEvent) + Send + Sync>;
+
+impl Store {
+    /// Make sure the layer `job.diff_id` is extracted in the store, fetching its blob from
+    /// `source` if needed. Safe to call concurrently from several threads or processes.
+    pub async fn ensure_layer(
+        &self,
+        source: Arc<dyn BlobSource>,
+        job: &LayerJob,
+        progress: Progress,
+    ) -> Result<(), StoreError> {
+        if self.has_layer(&job.diff_id) {
+            progress(LayerEvent::Cached);
+            return Ok(());
+        }
+        let store = self.clone();
+        let lock_name = format!("layer-{}", job.diff_id.hex());
+        let lock = tokio::task::spawn_blocking(move || store.lock(&lock_name))
+            .await
+            .expect("lock task panicked")?;
+        let _lock = lock;
+        if self.has_layer(&job.diff_id) {
+            progress(LayerEvent::Cached);
+            return Ok(());
+        }
+
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.fetch_once(&source, job, &progress).await {
+                Ok(()) => {
+                    progress(LayerEvent::Done);
+                    return Ok(());
+                }
+                Err(Failure::Transient(e)) if attempt < job.attempts => {
+                    progress(LayerEvent::Retrying {
+                        attempt,
+                        reason: e.to_string(),
+                    });
+                    tracing::warn!(digest = %job.digest, attempt, "layer fetch failed, resuming: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(200 << attempt.min(5))).await;
+                }
+                Err(Failure::Transient(e) | Failure::Final(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn fetch_once(
+        &self,
+        source: &Arc<dyn BlobSource>,
+        job: &LayerJob,
+        progress: &Progress,
+    ) -> Result<(), Failure> {
+        let blob_path = self.blob_path(&job.digest);
+        let partial = self.partial_path(&job.digest);
+        let have_blob = blob_path.is_file();
+
+        // The network part, if any: resume after what the partial file already holds.
+        let mut body = None;
+        let mut resumed = 0;
+        if !have_blob {
+            resumed = fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+            if resumed > job.size {
+                resumed = 0;
+            }
+            let fetched = if resumed == job.size && resumed > 0 {
+                None
+            } else {
+                Some(source.fetch(&job.digest, resumed).await.map_err(|e| {
+                    Failure::Transient(StoreError::Source {
+                        digest: job.digest.clone(),
+                        source: e,
+                    })
+                })?)
+            };
+            if let Some(b) = fetched {
+                if b.start != resumed {
+                    // The source restarted from the beginning (Range ignored): start over.
+                    if b.start != 0 {
+                        return Err(Failure::Final(StoreError::Layer {
+                            digest: job.digest.clone(),
+                            message: format!(
+                                "asked for bytes from {resumed}, the registry sent from {}",
+                                b.start
+                            ),
+                        }));
+                    }
+                    resumed = 0;
+                }
+                body = Some(b.stream);
+            }
+            if resumed == 0 {
+                File::create(&partial).map_err(|e| Failure::Final(io_err(&partial)(e)))?;
+            }
+        }
+        progress(LayerEvent::Started {
+            size: job.size,
+            resumed,
+        });
+
+        let store = self.clone();
+        let job2 = job.clone();
+        let progress2 = progress.clone();
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            store.extract_blocking(&job2, have_blob, resumed, body, handle, progress2)
+        })
+        .await
+        .expect("extraction task panicked")
+    }
+
+    fn extract_blocking(
+        &self,
+        job: &LayerJob,
+        have_blob: bool,
+        resumed: u64,
+        body: Option<Pin<Box<dyn Stream<Item = Result<Bytes, SourceError>> + Send>>>,
+        handle: tokio::runtime::Handle,
+        progress: Progress,
+    ) -> Result<(), Failure> {
+        let blob_path = self.blob_path(&job.digest);
+        let partial = self.partial_path(&job.digest);
+        let fin = |e: StoreError| Failure::Final(e);
+
+        // Compressed input: the local blob, or the partial prefix followed by the network.
+        let input: Box<dyn Read + Send> = if have_blob {
+            Box::new(File::open(&blob_path).map_err(|e| fin(io_err(&blob_path)(e)))?)
+        } else {
+            let prefix = File::open(&partial).map_err(|e| fin(io_err(&partial)(e)))?;
+            let prefix = prefix.take(resumed);
+            let tee = OpenOptions::new()
+                .append(true)
+                .open(&partial)
+                .map_err(|e| fin(io_err(&partial)(e)))?;
+            let net = NetReader {
+                stream: body,
+                handle,
+                buf: Bytes::new(),
+                tee,
+                error: None,
+            };
+            Box::new(prefix.chain(net))
+        };
+        let mut compressed = Hashing::new(input, job.digest.hasher(), progress.clone());
+
+        let tmp = self.temp_path("layer");
+        let data_dir = tmp.join("data");
+        fs::create_dir_all(&data_dir).map_err(|e| fin(io_err(&data_dir)(e)))?;
+        let cleanup = TempDir(tmp.clone());
+
+        let result = (|| -> io::Result<Result<(crate::layer::LayerIndex, Digest, u64), StoreError>> {
+            let count = std::sync::atomic::AtomicU64::new(0);
+            let dec = decompress::decoder(job.compression, CountInto(&mut compressed, &count))?;
+            let bounded = decompress::Bounded::new(dec, job.limits, || {
+                count.load(std::sync::atomic::Ordering::Relaxed)
+            });
+            let mut tar_stream = Hashing::new(bounded, job.diff_id.hasher(), Arc::new(|_| {}));
+            let index = match index_layer(&mut tar_stream, Some(&data_dir)) {
+                Ok(i) => i,
+                Err(crate::layer::tar::TarError::Read { source }) => return Err(source),
+                Err(e) => {
+                    return Ok(Err(StoreError::Layer {
+                        digest: job.digest.clone(),
+                        message: e.to_string(),
+                    }));
+                }
+            };
+            // Hash everything after the end-of-archive marker too: the diff_id covers it.
+            io::copy(&mut tar_stream, &mut io::sink())?;
+            let tar_size = tar_stream.count;
+            let diff_id = tar_stream.hasher.take().expect("hasher").finish();
+            Ok(Ok((index, diff_id, tar_size)))
+        })();
+
+        let (index, diff_id, _tar_size) = match result {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(self.data_failure(&mut compressed, job, e)),
+            Err(e) => {
+                return Err(match classify(job, e) {
+                    Failure::Final(e) => self.data_failure(&mut compressed, job, e),
+                    transient => transient,
+                });
+            }
+        };
+        // Drain the compressed side so the whole blob is hashed (decoders may stop early).
+        if let Err(e) = io::copy(&mut compressed, &mut io::sink()) {
+            return Err(classify(job, e));
+        }
+        let blob_size = compressed.count;
+        let blob_digest = compressed.hasher.take().expect("hasher").finish();
+
+        if blob_digest != job.digest {
+            // Bad bytes are never kept, not even as a partial download.
+            let _ = fs::remove_file(&partial);
+            return Err(fin(StoreError::DigestMismatch {
+                what: "layer blob",
+                expected: job.digest.clone(),
+                actual: blob_digest,
+            }));
+        }
+        if blob_size != job.size {
+            let _ = fs::remove_file(&partial);
+            return Err(fin(StoreError::SizeMismatch {
+                digest: job.digest.clone(),
+                expected: job.size,
+                actual: blob_size,
+            }));
+        }
+        if !have_blob {
+            fs::rename(&partial, &blob_path).map_err(|e| fin(io_err(&blob_path)(e)))?;
+        }
+        if diff_id != job.diff_id {
+            return Err(fin(StoreError::DigestMismatch {
+                what: "layer diff_id",
+                expected: job.diff_id.clone(),
+                actual: diff_id,
+            }));
+        }
+
+        let index_path = tmp.join("index.json");
+        let json = serde_json::to_vec(&index).expect("index serialises");
+        fs::write(&index_path, json).map_err(|e| fin(io_err(&index_path)(e)))?;
+        let dest = self.layer_dir(&job.diff_id);
+        fs::rename(&tmp, &dest).map_err(|e| fin(io_err(&dest)(e)))?;
+        std::mem::forget(cleanup);
+        Ok(())
+    }
+}
+
+impl Store {
+    /// The layer's content is unusable (bad compression, bad tar, bomb). If the blob's bytes
+    /// do not match its digest, that is the real story: say so. Either way the partial
+    /// download is dropped, so the next attempt starts from clean bytes.
+    fn data_failure<R: Read>(&self, compressed: &mut Hashing<R>, job: &LayerJob, e: StoreError) -> Failure {
+        let _ = fs::remove_file(self.partial_path(&job.digest));
+        if io::copy(compressed, &mut io::sink()).is_ok() {
+            if let Some(h) = compressed.hasher.take() {
+                let actual = h.finish();
+                if actual != job.digest {
+                    return Failure::Final(StoreError::DigestMismatch {
+                        what: "layer blob",
+                        expected: job.digest.clone(),
+                        actual,
+                    });
+                }
+            }
+        }
+        Failure::Final(e)
+    }
+}
+
+/// Whether an I/O failure while streaming came from the network (worth resuming) or from
+/// the data itself (bad gzip, bad tar: final).
+fn classify(job: &LayerJob, e: io::Error) -> Failure {
+    if let Some(net) = e.get_ref().and_then(|i| i.downcast_ref::<NetError>()) {
+        return Failure::Transient(StoreError::Source {
+            digest: job.digest.clone(),
+            source: net.0.to_string().into(),
+        });
+    }
+    Failure::Final(StoreError::Layer {
+        digest: job.digest.clone(),
+        message: e.to_string(),
+    })
+}
+
+enum Failure {
+    Transient(StoreError),
+    Final(StoreError),
+}
+
+/// Removes an extraction directory unless forgotten (on success it was renamed away).
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[derive(Debug)]
+struct NetError(String);
+
+impl std::fmt::Display for NetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NetError {}
+
+/// Reads a blob body stream from a blocking thread, appending every byte to the partial file
+/// (so a later attempt can resume) before handing it on.
+struct NetReader {
+    stream: Option<Pin<Box<dyn Stream<Item = Result<Bytes, SourceError>> + Send>>>,
+    handle: tokio::runtime::Handle,
+    buf: Bytes,
+    tee: File,
+    error: Option<String>,
+}
+
+impl Read for NetReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if let Some(e) = &self.error {
+            return Err(io::Error::other(NetError(e.clone())));
+        }
+        while self.buf.is_empty() {
+            let Some(stream) = self.stream.as_mut() else {
+                return Ok(0);
+            };
+            match self.handle.block_on(stream.next()) {
+                None => {
+                    self.stream = None;
+                    return Ok(0);
+                }
+                Some(Ok(b)) => {
+                    self.tee.write_all(&b)?;
+                    self.buf = b;
+                }
+                Some(Err(e)) => {
+                    self.error = Some(e.to_string());
+                    return Err(io::Error::other(NetError(e.to_string())));
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len());
+        out[..n].copy_from_slice(&self.buf[..n]);
+        let _ = self.buf.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Hashes and counts what is read through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: Option<Hasher>,
+    count: u64,
+    progress: Progress,
+}
+
+impl<R> Hashing<R> {
+    fn new(inner: R, hasher: Hasher, progress: Progress) -> Self {
+        Hashing {
+            inner,
+            hasher: Some(hasher),
+            count: 0,
+            progress,
+        }
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
+        self.count += n as u64;
+        if n > 0 {
+            (self.progress)(LayerEvent::Progress { n: n as u64 });
+        }
+        Ok(n)
+    }
+}
+
+/// Passes reads through and publishes the running byte count (for the expansion-ratio limit).
+struct CountInto<'a, R>(&'a mut R, &'a std::sync::atomic::AtomicU64);
+
+impl<R: Read> Read for CountInto<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.0.read(buf)?;
+        self.1
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// An in-memory source that can fail once after `fail_after` bytes and records the
+    /// offsets it was asked for.
+    struct MemSource {
+        blob: Vec<u8>,
+        fail_after: Mutex<Option<usize>>,
+        offsets: Mutex<Vec<u64>>,
+        ignore_range: bool,
+    }
+
+    impl BlobSource for MemSource {
+        fn fetch<'a>(
+            &'a self,
+            _digest: &'a Digest,
+            offset: u64,
+        ) -> Pin<Box<dyn Future<Output = Result<BlobBody, SourceError>> + Send + 'a>> {
+            Box::pin(async move {
+                self.offsets.lock().unwrap().push(offset);
+                let start = if self.ignore_range { 0 } else { offset };
+                let mut data = self.blob[start as usize..].to_vec();
+                let mut items: Vec<Result<Bytes, SourceError>> = Vec::new();
+                if let Some(n) = self.fail_after.lock().unwrap().take() {
+                    data.truncate(n);
+                    items.push(Ok(Bytes::from(data)));
+                    items.push(Err("connection reset".into()));
+                } else {
+                    for c in data.chunks(1000) {
+                        items.push(Ok(Bytes::copy_from_slice(c)));
+                    }
+                }
+                Ok(BlobBody {
+                    start,
+                    stream: Box::pin(futures_util::stream::iter(items)),
+                })
+            })
+        }
+    }
+
+    fn layer() -> (Vec<u8>, Digest, Digest) {
+        let mut b = tar::Builder::new(Vec::new());
+        let content: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(content.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, "f", &content[..]).unwrap();
+        let tarball = b.into_inner().unwrap();
+        let diff_id = Digest::sha256(&tarball);
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&tarball).unwrap();
+        let gz = e.finish().unwrap();
+        let digest = Digest::sha256(&gz);
+        (gz, digest, diff_id)
+    }
+
+    fn job(gz: &[u8], digest: &Digest, diff_id: &Digest) -> LayerJob {
+        LayerJob {
+            digest: digest.clone(),
+            size: gz.len() as u64,
+            diff_id: diff_id.clone(),
+            compression: Compression::Gzip,
+            limits: Limits::default(),
+            attempts: 3,
+        }
+    }
+
+    fn source(gz: &[u8], fail_after: Option<usize>, ignore_range: bool) -> Arc<MemSource> {
+        Arc::new(MemSource {
+            blob: gz.to_vec(),
+            fail_after: Mutex::new(fail_after),
+            offsets: Mutex::new(Vec::new()),
+            ignore_range,
+        })
+    }
+
+    #[tokio::test]
+    async fn resumes_after_a_dropped_connection() {
+        let (gz, digest, diff_id) = layer();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let src = source(&gz, Some(gz.len() / 2), false);
+        let retries = Arc::new(AtomicU32::new(0));
+        let r = retries.clone();
+        let progress: Progress = Arc::new(move |e| {
+            if let LayerEvent::Retrying { .. } = e {
+                r.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        store
+            .ensure_layer(src.clone(), &job(&gz, &digest, &diff_id), progress)
+            .await
+            .unwrap();
+        assert!(store.has_layer(&diff_id));
+        assert!(store.has_blob(&digest));
+        assert_eq!(*src.offsets.lock().unwrap(), vec![0, (gz.len() / 2) as u64]);
+        assert_eq!(retries.load(Ordering::Relaxed), 1);
+        let index = store.load_layer_index(&diff_id).unwrap();
+        let data = index.entries[0].data.unwrap();
+        assert_eq!(fs::metadata(store.data_path(&diff_id, data)).unwrap().len(), 800_000);
+        assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn range_ignored_restarts_from_zero() {
+        let (gz, digest, diff_id) = layer();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let src = source(&gz, Some(gz.len() / 3), true);
+        store
+            .ensure_layer(src, &job(&gz, &digest, &diff_id), Arc::new(|_| {}))
+            .await
+            .unwrap();
+        assert!(store.has_layer(&diff_id));
+    }
+
+    #[tokio::test]
+    async fn mismatches_store_nothing() {
+        let (gz, digest, diff_id) = layer();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+
+        // Blob digest mismatch: the registry served other bytes.
+        let mut bad = gz.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0xff;
+        let err = store
+            .ensure_layer(source(&bad, None, false), &job(&gz, &digest, &diff_id), Arc::new(|_| {}))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("failed verification"), "{err}");
+        assert!(!store.has_layer(&diff_id) && !store.has_blob(&digest), "{err}");
+        assert!(!store.partial_path(&digest).exists());
+
+        // diff_id mismatch: the config claims another uncompressed digest.
+        let other = Digest::sha256(b"not the tar");
+        let err = store
+            .ensure_layer(source(&gz, None, false), &job(&gz, &digest, &other), Arc::new(|_| {}))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("diff_id"), "{err}");
+        assert!(!store.has_layer(&other));
+        assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
+    }
+}
