@@ -1,1 +1,170 @@
-//! CLI subcommands.
+//! The `imagefs` command line: clap definitions, global options, and one file per
+//! subcommand. Only this module (and `main.rs`) knows clap, anyhow, environment variables and
+//! the tracing subscriber.
+
+mod common;
+mod inspect;
+mod layers;
+mod mount;
+mod progress;
+mod pull;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use common::Context;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "imagefs",
+    version,
+    about = "Mount a container image straight from a registry as a read-only filesystem",
+    long_about = "Mount a container image straight from a registry as a read-only filesystem.\n\
+                  Layers are fetched, verified and extracted on first access and cached."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalOpts,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalOpts {
+    /// Cache directory [default: /var/lib/imagefs for root, else $XDG_CACHE_HOME/imagefs]
+    #[arg(long, global = true, env = "IMAGEFS_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Platform to pick from a multi-platform index: os/arch[/variant] [default: the host's]
+    #[arg(long, global = true, value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: Option<String>,
+    /// Talk plain HTTP to the registry (loopback registries may use it without this flag)
+    #[arg(long, global = true)]
+    pub plain_http: bool,
+    /// Trust this PEM CA certificate for registry TLS (repeatable)
+    #[arg(long = "ca-cert", global = true, value_name = "FILE")]
+    pub ca_certs: Vec<PathBuf>,
+    /// Do not verify the registry's TLS certificate (dangerous)
+    #[arg(long, global = true)]
+    pub insecure_skip_tls_verify: bool,
+    /// Registry user name (the password is read from stdin with --password-stdin)
+    #[arg(long, short = 'u', global = true, value_name = "USER")]
+    pub username: Option<String>,
+    /// Read the registry password from standard input
+    #[arg(long, global = true)]
+    pub password_stdin: bool,
+    /// Network timeout: connect, and silence on an open connection (e.g. 30s, 2m, 500ms)
+    #[arg(long, global = true, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Use only the cache; never contact a registry
+    #[arg(long, global = true)]
+    pub offline: bool,
+    /// No progress output
+    #[arg(long, short = 'q', global = true)]
+    pub quiet: bool,
+    /// More logging (-v info, -vv debug, -vvv trace); IMAGEFS_LOG sets a tracing filter
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fetch, verify and extract an image into the cache
+    Pull(pull::PullArgs),
+    /// Show an image's manifest, config and layers (fetches no layer)
+    Inspect(inspect::InspectArgs),
+    /// List an image's layers, base first, and whether each is cached
+    Layers(layers::LayersArgs),
+    /// Mount an image read-only; layers are fetched on first access
+    Mount(mount::MountArgs),
+    /// Unmount an imagefs mount point
+    Umount(mount::UmountArgs),
+}
+
+/// Run the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        // Mount manages its own runtime (it may daemonise first).
+        Command::Mount(args) => mount::run(&cli.global, args),
+        Command::Umount(args) => mount::umount(args),
+        command => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let ctx = Context::new(&cli.global)?;
+                match command {
+                    Command::Pull(a) => pull::run(&ctx, a).await,
+                    Command::Inspect(a) => inspect::run(&ctx, a).await,
+                    Command::Layers(a) => layers::run(&ctx, a).await,
+                    Command::Mount(_) | Command::Umount(_) => unreachable!(),
+                }
+            })
+        }
+    }
+}
+
+/// `30s`, `2m`, `500ms`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: use e.g. 30s, 2m, 500ms"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m or h")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `20G`, `512M`, `1024` (bytes), `1.5T`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: use e.g. 20G, 512M"))?;
+    let mult: f64 = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 1.0,
+        "K" => 1024.0,
+        "M" => 1024.0 * 1024.0,
+        "G" => 1024.0 * 1024.0 * 1024.0,
+        "T" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(format!("invalid size {s:?}: unit must be K, M, G or T")),
+    };
+    Ok((n * mult) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert_eq!(parse_size("20G").unwrap(), 20 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert!(parse_size("3Q").is_err());
+    }
+}

@@ -125,8 +125,11 @@ pub enum MergeError {
 
 /// Apply `layers` (base first, entries in tar order) and return the merged tree.
 pub fn merge(layers: &[LayerIndex]) -> Result<Tree, MergeError> {
-    let too_large = |count| MergeError::TooLarge { count };
-    u32::try_from(layers.len()).map_err(|_| too_large(layers.len()))?;
+    if u32::try_from(layers.len()).is_err() {
+        return Err(MergeError::TooLarge {
+            count: layers.len(),
+        });
+    }
     let mut builder = Builder::new();
     for (index, layer) in layers.iter().enumerate() {
         builder.layer = index;
@@ -158,9 +161,9 @@ struct Dir {
     /// Ordered, so compaction emits children sorted without a sort, and lookups stay
     /// logarithmic in a 20,000-entry directory.
     children: BTreeMap<Box<[u8]>, Child>,
-    /// Layer that last pruned this directory. Within that layer, everything below it was
-    /// touched by the layer, so another opaque whiteout there has nothing left to remove:
-    /// remembering this keeps repeated whiteouts linear.
+    /// Layer that last pruned this directory. A prune leaves only names touched by the
+    /// layer below it, and the layer can only add touched names, so pruning it again in the
+    /// same layer would remove nothing: skipping it keeps repeated whiteouts linear.
     pruned_in: Option<usize>,
 }
 
@@ -214,32 +217,31 @@ impl Builder {
             self.dir_mut(parent).children.remove(name);
         }
 
-        let node = match e.kind {
-            EntryKind::Hardlink => self.hardlink_target(e)?,
-            kind => {
-                let body = match kind {
-                    EntryKind::Dir => Body::Dir(Dir::default()),
-                    EntryKind::File => Body::Leaf(Content::File {
-                        size: e.size,
-                        // merge() checked that layer indexes fit.
-                        layer: self.layer as u32,
-                        data: e.data,
-                    }),
-                    EntryKind::Symlink => match e.link.as_deref() {
-                        // symlink(2) refuses an empty target, so umoci would fail here too.
-                        Some(target) if !target.is_empty() => Body::Leaf(Content::Symlink {
-                            target: target.into(),
-                        }),
-                        _ => return Err(self.missing_link(e)),
-                    },
-                    EntryKind::CharDev => Body::Leaf(Content::CharDev { rdev: e.rdev }),
-                    EntryKind::BlockDev => Body::Leaf(Content::BlockDev { rdev: e.rdev }),
-                    EntryKind::Fifo => Body::Leaf(Content::Fifo),
-                    EntryKind::Hardlink => unreachable!("handled above"),
-                };
-                self.push(meta_of(e), body)
+        let body = match e.kind {
+            EntryKind::Hardlink => {
+                let target = self.hardlink_target(e)?;
+                self.insert(parent, name, target);
+                return Ok(());
             }
+            EntryKind::Dir => Body::Dir(Dir::default()),
+            EntryKind::File => Body::Leaf(Content::File {
+                size: e.size,
+                // merge() checked that layer indexes fit.
+                layer: self.layer as u32,
+                data: e.data,
+            }),
+            EntryKind::Symlink => match e.link.as_deref() {
+                // symlink(2) refuses an empty target, so umoci would fail here too.
+                Some(target) if !target.is_empty() => Body::Leaf(Content::Symlink {
+                    target: target.into(),
+                }),
+                _ => return Err(self.missing_link(e)),
+            },
+            EntryKind::CharDev => Body::Leaf(Content::CharDev { rdev: e.rdev }),
+            EntryKind::BlockDev => Body::Leaf(Content::BlockDev { rdev: e.rdev }),
+            EntryKind::Fifo => Body::Leaf(Content::Fifo),
         };
+        let node = self.push(meta_of(e), body);
         self.insert(parent, name, node);
         Ok(())
     }
@@ -483,7 +485,7 @@ impl Builder {
         let mut inodes = Vec::new();
         let root_children = self.take_dir(ARENA_ROOT);
         inodes.push(Inode {
-            meta: std::mem::replace(&mut self.nodes[ARENA_ROOT].meta, default_dir_meta()),
+            meta: take_meta(&mut self.nodes[ARENA_ROOT]),
             nlink: 2,
             content: Content::Dir {
                 parent: ROOT,
@@ -504,15 +506,11 @@ impl Builder {
                     count: inodes.len(),
                 })?;
             let node = &mut self.nodes[child.node];
-            let meta = Meta {
-                xattrs: std::mem::take(&mut node.meta.xattrs),
-                ..node.meta.clone()
-            };
             let id = match std::mem::replace(&mut node.body, Body::Moved) {
                 Body::Dir(dir) => {
                     let grandchildren = dir.children;
                     inodes.push(Inode {
-                        meta,
+                        meta: take_meta(node),
                         nlink: 2,
                         content: Content::Dir {
                             parent: dir_id,
@@ -526,7 +524,7 @@ impl Builder {
                 Body::Leaf(content) => {
                     ids[child.node] = next_id;
                     inodes.push(Inode {
-                        meta,
+                        meta: take_meta(node),
                         nlink: 1,
                         content,
                     });
@@ -547,6 +545,14 @@ impl Builder {
 
     fn take_dir(&mut self, id: NodeId) -> BTreeMap<Box<[u8]>, Child> {
         std::mem::take(&mut self.dir_mut(id).children)
+    }
+}
+
+/// Move a node's metadata out (the arena is being consumed by compaction).
+fn take_meta(node: &mut Node) -> Meta {
+    Meta {
+        xattrs: std::mem::take(&mut node.meta.xattrs),
+        ..node.meta.clone()
     }
 }
 

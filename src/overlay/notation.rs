@@ -18,8 +18,8 @@
 //! PATH is relative (`a/b`); `/` alone is the root (the tar's `./`, empty path). MODE is
 //! octal with its leading zero or setuid digit (`0755`, `4755`). OPTS: `uid=N`, `gid=N`,
 //! `mtime=SEC[.NANOS]`, `xattr:NAME=VALUE`. Quoted strings (`"..."`) and bare tokens accept
-//! `\xNN`, `\n`, `\\`, `\"`, so names need not be UTF-8. `wh a/.wh.x` is not special: write
-//! `file a/.wh.x` for a literal whiteout-named entry of another type.
+//! `\xNN`, `\n`, `\\`, `\"`, so names need not be UTF-8. Whiteouts are just names, so
+//! `dir a/.wh.x` writes a whiteout entry of another type.
 //!
 //! A merged tree renders as one line per path, in depth-first name order:
 //!
@@ -457,4 +457,47 @@ pub(crate) fn check_invariants(tree: &Tree) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_become_entries() {
+        let fx = parse(&[
+            r#"file a/b 4755 "hi" uid=1 gid=2 mtime=3.5 xattr:user.x="" ; wh a/b"#,
+            r#"opq /; opq a; hard \xff => a/b; chr "sp ace" 4,5; sym s -> "../t;x""#,
+        ]);
+        let mut file = Entry::new("a/b", EntryKind::File, 0o4755);
+        (file.uid, file.gid, file.size) = (1, 2, 2);
+        file.mtime = Timespec {
+            sec: 3,
+            nsec: 500_000_000,
+        };
+        file.xattrs.push(Xattr {
+            name: b"user.x".to_vec(),
+            value: Vec::new(),
+        });
+        file.data = Some(DataRef { id: 0 });
+        let mut hard = Entry::new(b"\xff".to_vec(), EntryKind::Hardlink, 0o644);
+        hard.link = Some(b"a/b".to_vec());
+        let mut chr = Entry::new("sp ace", EntryKind::CharDev, 0o644);
+        chr.rdev = (4, 5);
+        let mut sym = Entry::new("s", EntryKind::Symlink, 0o777);
+        sym.link = Some(b"../t;x".to_vec());
+        let whiteout = |p: &str| Entry::new(p, EntryKind::File, 0o644);
+        assert_eq!(fx.layers[0].entries, [file, whiteout("a/.wh.b")]);
+        assert_eq!(
+            fx.layers[1].entries,
+            [
+                whiteout(".wh..wh..opq"),
+                whiteout("a/.wh..wh..opq"),
+                hard,
+                chr,
+                sym
+            ]
+        );
+        assert_eq!(fx.contents, [vec![b"hi".to_vec()], vec![]]);
+    }
 }

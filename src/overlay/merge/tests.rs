@@ -499,15 +499,16 @@ const CASES: &[(&str, &[&str], &str)] = &[
     (
         "an entry through an absolute symlink lands in its target, inside the image",
         &[
-            "dir etc; file etc/hosts; sym a -> /etc",
-            r#"file a/passwd "root""#,
+            "dir etc; file etc/hosts; sym x/a -> /etc",
+            r#"file x/a/passwd "root""#,
         ],
         r#"
         / dir 0755
-        /a sym 0777 -> /etc
         /etc dir 0755
         /etc/hosts file 0644 ""
         /etc/passwd file 0644 "root"
+        /x dir 0755
+        /x/a sym 0777 -> /etc
         "#,
     ),
     (
@@ -731,6 +732,10 @@ fn timed_merge(layers: &[LayerIndex], limit: Duration) -> Tree {
     let start = Instant::now();
     let tree = merge(layers).unwrap();
     let took = start.elapsed();
+    eprintln!(
+        "merged {} entries in {took:?}",
+        layers.iter().map(|l| l.entries.len()).sum::<usize>()
+    );
     check_invariants(&tree).unwrap();
     // Generous: the merge takes milliseconds; quadratic work on these sizes takes minutes.
     assert!(took < limit, "merge took {took:?}, more than {limit:?}");
@@ -849,6 +854,27 @@ fn deep_trees_do_not_recurse() {
     assert!(tree.resolve(format!("{deep}/f").as_bytes()).is_none());
 }
 
+#[test]
+fn symlink_hops_are_limited_to_forty() {
+    // A chain of `hops` symlinks, l1 -> l2 -> ... -> d, then an entry through l1.
+    let chain = |hops: usize| {
+        let links: Vec<String> = (1..=hops)
+            .map(|i| match i {
+                i if i == hops => format!("sym l{i} -> d"),
+                i => format!("sym l{i} -> l{}", i + 1),
+            })
+            .collect();
+        run(&[&format!("dir d; {}", links.join("; ")), "file l1/f"])
+    };
+    let through = chain(40).unwrap();
+    assert!(through.contains("\n/d/f file"), "{through}");
+    let err = chain(41).unwrap_err();
+    assert!(
+        matches!(err, MergeError::SymlinkLoop { layer: 1, .. }),
+        "{err}"
+    );
+}
+
 /// xorshift64*: deterministic, dependency-free.
 struct Rng(u64);
 
@@ -874,9 +900,16 @@ impl Rng {
 }
 
 /// A short path over a tiny alphabet, so entries collide, nest and replace each other.
-fn gen_path(rng: &mut Rng) -> String {
-    let depth = 1 + rng.below(3);
+/// Directories use `a`..`c`; leaves mostly `f`..`h`, so that few stacks end in a file used
+/// as a parent.
+fn gen_path(rng: &mut Rng, leaf: bool) -> String {
+    let depth = rng.below(3);
     let mut comps: Vec<&str> = (0..depth).map(|_| rng.pick(&["a", "b", "c"])).collect();
+    if leaf && !rng.chance(6) {
+        comps.push(rng.pick(&["f", "g", "h"]));
+    } else {
+        comps.push(rng.pick(&["a", "b", "c"]));
+    }
     if rng.chance(25) {
         let at = rng.below(comps.len());
         comps.insert(at, rng.pick(&["..", "."]));
@@ -901,44 +934,79 @@ fn gen_opts(rng: &mut Rng) -> String {
     s
 }
 
-fn gen_layer(rng: &mut Rng, layer: usize, linkable: &mut Vec<String>) -> String {
+/// `linkable`: (layer, path) of the non-directories generated so far, for hardlink targets
+/// likely to exist (mostly the same layer's, which its whiteouts cannot remove).
+fn gen_layer(rng: &mut Rng, layer: usize, linkable: &mut Vec<(usize, String)>) -> String {
     let mut items = Vec::new();
     for i in 0..1 + rng.below(10) {
-        let path = gen_path(rng);
         let opts = gen_opts(rng);
         let item = match rng.below(100) {
-            0..=21 => format!("dir {path}{opts}"),
+            0..=21 => format!("dir {}{opts}", gen_path(rng, false)),
             22..=43 => {
-                linkable.push(path.clone());
+                let path = gen_path(rng, true);
+                linkable.push((layer, path.clone()));
                 format!(r#"file {path} "L{layer}E{i}"{opts}"#)
             }
             44..=52 => {
                 let target = match rng.below(5) {
-                    0 => format!("/{}", gen_path(rng)),
-                    1 => format!("../{}", gen_path(rng)),
+                    0 => format!("/{}", gen_path(rng, false)),
+                    1 => format!("../{}", gen_path(rng, false)),
                     2 => rng.pick(&[".", "..", "/"]).to_owned(),
-                    _ => gen_path(rng),
+                    _ => {
+                        let leaf = rng.chance(6);
+                        gen_path(rng, leaf)
+                    }
                 };
-                linkable.push(path.clone());
+                let path = {
+                    let leaf = rng.chance(2);
+                    gen_path(rng, leaf)
+                };
+                linkable.push((layer, path.clone()));
                 format!("sym {path} -> {target}{opts}")
             }
             53..=61 => {
-                let target = match linkable.len() {
-                    0 => gen_path(rng),
-                    n if !rng.chance(5) => linkable[rng.below(n)].clone(),
-                    _ => gen_path(rng),
+                let same: Vec<&String> = linkable
+                    .iter()
+                    .filter(|(l, _)| *l == layer)
+                    .map(|(_, p)| p)
+                    .collect();
+                let target = if !same.is_empty() && !rng.chance(3) {
+                    same[rng.below(same.len())].clone()
+                } else if !linkable.is_empty() && !rng.chance(10) {
+                    linkable[rng.below(linkable.len())].1.clone()
+                } else if rng.chance(3) {
+                    gen_path(rng, true)
+                } else {
+                    continue;
                 };
-                format!("hard {path} => {target}")
+                format!("hard {} => {target}", gen_path(rng, true))
             }
-            62..=77 => format!("wh {}", path.replace("../", "").replace("./", "")),
-            78..=87 => {
-                let dir = if rng.chance(6) { "/".to_owned() } else { path };
-                format!("opq {dir}")
+            62..=77 => {
+                let path = {
+                    let leaf = rng.chance(2);
+                    gen_path(rng, leaf)
+                };
+                format!("wh {}", path.replace("../", "").replace("./", ""))
             }
-            88..=91 => format!("chr {path} 1,{}{opts}", rng.below(4)),
-            92..=94 => format!("fifo {path}{opts}"),
+            78..=87 => match rng.chance(6) {
+                true => "opq /".to_owned(),
+                false => format!("opq {}", gen_path(rng, false)),
+            },
+            88..=94 => {
+                let path = gen_path(rng, true);
+                linkable.push((layer, path.clone()));
+                match rng.chance(2) {
+                    true => format!("chr {path} 1,{}{opts}", rng.below(4)),
+                    false => format!("fifo {path}{opts}"),
+                }
+            }
             95..=96 => format!("dir /{opts}"),
-            _ => format!("file {}/.wh.{}", gen_path(rng), rng.pick(&["a", "b"])),
+            _ => format!(
+                "{} {}/.wh.{}",
+                rng.pick(&["file", "dir", "fifo"]),
+                gen_path(rng, false),
+                rng.pick(&["a", "f"])
+            ),
         };
         items.push(item);
     }
@@ -966,10 +1034,11 @@ fn error_class(e: &MergeError) -> model::ModelError {
 /// types, metadata, contents, hardlink groups, nlink) or the same error at the same entry.
 #[test]
 fn merge_matches_the_naive_model() {
-    const STACKS: usize = 600;
+    const STACKS: usize = 1000;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut merged = 0;
     let mut hardlinked = 0;
+    let mut errors: std::collections::BTreeMap<&str, usize> = Default::default();
     for n in 0..STACKS {
         let mut linkable = Vec::new();
         let texts: Vec<String> = (0..1 + rng.below(4))
@@ -985,10 +1054,12 @@ fn merge_matches_the_naive_model() {
         });
         let want = model::merge(&fx.layers).map(|items| format(items, &fx));
         assert_eq!(got, want, "stack {n}: {texts:#?}");
-        if let Err(e) = &got { eprintln!("{}", e.0); }
-        if let Ok(listing) = &got {
-            merged += 1;
-            hardlinked += usize::from(listing.contains(" inode="));
+        match &got {
+            Ok(listing) => {
+                merged += 1;
+                hardlinked += usize::from(listing.contains(" inode="));
+            }
+            Err((class, ..)) => *errors.entry(*class).or_default() += 1,
         }
     }
     // Keep the generator honest: most stacks must merge, and some must share inodes.

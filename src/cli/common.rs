@@ -1,0 +1,308 @@
+//! What every subcommand shares: the store, the registry client, and resolving a reference
+//! to a verified manifest + config (from the registry, or from the cache when that needs no
+//! network).
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use futures_util::StreamExt;
+
+use super::GlobalOpts;
+use crate::oci::manifest::{Descriptor, ImageConfig, ImageManifest, Manifest};
+use crate::oci::{Digest, Platform, media};
+use crate::reference::Reference;
+use crate::registry::{Client, ClientConfig, Credentials, Secret};
+use crate::store::{BlobBody, BlobSource, SourceError, Store};
+
+/// Largest manifest or config we accept (real ones are a few KiB; this stops a hostile
+/// registry from making us buffer gigabytes).
+pub const MAX_DOCUMENT: u64 = 32 << 20;
+
+pub struct Context {
+    pub store: Store,
+    pub client: Client,
+    pub platform: Platform,
+    pub offline: bool,
+    pub quiet: bool,
+    pub tty: bool,
+}
+
+impl Context {
+    pub fn new(g: &GlobalOpts) -> anyhow::Result<Context> {
+        let cache = cache_dir(g)?;
+        let store = Store::open(&cache)
+            .with_context(|| format!("cannot use cache directory {}", cache.display()))?;
+        let platform = match &g.platform {
+            Some(p) => p.parse().with_context(|| format!("invalid --platform {p:?}"))?,
+            None => Platform::host(),
+        };
+        let credentials = credentials(g)?;
+        let client = Client::new(ClientConfig {
+            plain_http: g.plain_http,
+            ca_certs: g.ca_certs.clone(),
+            insecure_skip_tls_verify: g.insecure_skip_tls_verify,
+            timeout: g.timeout,
+            credentials,
+            ..ClientConfig::default()
+        })?;
+        Ok(Context {
+            store,
+            client,
+            platform,
+            offline: g.offline,
+            quiet: g.quiet,
+            tty: std::io::stderr().is_terminal(),
+        })
+    }
+}
+
+pub fn cache_dir(g: &GlobalOpts) -> anyhow::Result<PathBuf> {
+    if let Some(d) = &g.cache_dir {
+        return Ok(d.clone());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(PathBuf::from("/var/lib/imagefs"));
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("imagefs"));
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => Ok(PathBuf::from(h).join(".cache/imagefs")),
+        None => bail!("no cache directory: set --cache-dir or IMAGEFS_CACHE_DIR"),
+    }
+}
+
+/// Flags first (`--username` + `--password-stdin`), then `IMAGEFS_USERNAME` /
+/// `IMAGEFS_PASSWORD`; `None` lets the client look in the docker config.
+fn credentials(g: &GlobalOpts) -> anyhow::Result<Option<Credentials>> {
+    if g.password_stdin {
+        let Some(username) = g.username.clone() else {
+            bail!("--password-stdin needs --username");
+        };
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password from stdin")?;
+        let password = line.trim_end_matches(['\n', '\r']).to_owned();
+        if password.is_empty() {
+            bail!("--password-stdin: no password on standard input");
+        }
+        return Ok(Some(Credentials {
+            username,
+            password: Secret::new(password),
+        }));
+    }
+    if let Some(username) = &g.username {
+        let Ok(password) = std::env::var("IMAGEFS_PASSWORD") else {
+            bail!("--username needs a password: pass --password-stdin or set IMAGEFS_PASSWORD");
+        };
+        return Ok(Some(Credentials {
+            username: username.clone(),
+            password: Secret::new(password),
+        }));
+    }
+    match (std::env::var("IMAGEFS_USERNAME"), std::env::var("IMAGEFS_PASSWORD")) {
+        (Ok(username), Ok(password)) if !username.is_empty() => Ok(Some(Credentials {
+            username,
+            password: Secret::new(password),
+        })),
+        _ => Ok(None),
+    }
+}
+
+/// A reference resolved to one image: verified manifest and config bytes, all stored.
+pub struct Resolved {
+    pub reference: Reference,
+    /// Digest of the image manifest (for a multi-platform reference: the chosen entry).
+    pub manifest_digest: Digest,
+    pub manifest_bytes: Vec<u8>,
+    pub media_type: String,
+    pub manifest: ImageManifest,
+    pub config_bytes: Vec<u8>,
+    pub config: ImageConfig,
+}
+
+impl Resolved {
+    /// The image ID: the digest of the exact config bytes.
+    pub fn image_id(&self) -> &Digest {
+        &self.manifest.config.digest
+    }
+}
+
+/// Resolve `reference` for `ctx.platform`. Uses only the cache when the reference is pinned
+/// by digest and cached, or with `--offline`.
+pub async fn resolve(ctx: &Context, reference: &Reference) -> anyhow::Result<Resolved> {
+    let ref_key = ref_key(reference);
+    // The top-level document: by digest from the cache if we can, else from the registry.
+    let local_top = match reference.digest() {
+        Some(d) if ctx.store.has_blob(d) => Some(d.clone()),
+        Some(d) if ctx.offline => {
+            bail!("{reference} is not in the cache ({d}): pull it without --offline first")
+        }
+        Some(_) => None,
+        None if ctx.offline => Some(ctx.store.get_ref(&ref_key)?.with_context(|| {
+            format!("{reference} is not in the cache: pull it without --offline first")
+        })?),
+        None => None,
+    };
+    let (top_digest, top_bytes, top_type) = match local_top {
+        Some(d) => {
+            let bytes = ctx.store.read_blob(&d)?;
+            (d, bytes, None)
+        }
+        None => {
+            let resp = ctx
+                .client
+                .manifest(reference.registry(), reference.repository(), &reference.manifest_reference())
+                .await?;
+            ctx.store.put_blob_bytes(&resp.digest, &resp.bytes)?;
+            if reference.digest().is_none() {
+                ctx.store.set_ref(&ref_key, &resp.digest)?;
+            }
+            (resp.digest, resp.bytes.to_vec(), resp.content_type)
+        }
+    };
+
+    let parsed = crate::oci::manifest::parse_manifest(&top_bytes, top_type.as_deref())
+        .with_context(|| format!("manifest {top_digest} of {reference}"))?;
+    let (manifest_digest, manifest_bytes, content_type, manifest) = match parsed {
+        Manifest::Image(m) => (top_digest, top_bytes, top_type, m),
+        Manifest::Index(index) => {
+            let entry: Descriptor = crate::oci::manifest::select_platform(&index, &ctx.platform)
+                .with_context(|| format!("{reference} is a multi-platform index"))?;
+            let (bytes, ct) = fetch_document(ctx, reference, &entry.digest, "manifest").await?;
+            let ct = ct.or_else(|| Some(entry.media_type.clone()).filter(|m| !m.is_empty()));
+            match crate::oci::manifest::parse_manifest(&bytes, ct.as_deref())
+                .with_context(|| format!("manifest {} of {reference}", entry.digest))?
+            {
+                Manifest::Image(m) => (entry.digest, bytes, ct, m),
+                Manifest::Index(_) => bail!(
+                    "manifest {} of {reference} is a nested index: not supported",
+                    entry.digest
+                ),
+            }
+        }
+    };
+    manifest
+        .check_image()
+        .with_context(|| format!("manifest {manifest_digest} of {reference}"))?;
+    let media_type = manifest
+        .media_type
+        .clone()
+        .or(content_type.filter(|c| media::manifest_kind(c).is_some()))
+        .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
+
+    let (config_bytes, _) =
+        fetch_document(ctx, reference, &manifest.config.digest, "config").await?;
+    let config = crate::oci::manifest::parse_config(&config_bytes)
+        .with_context(|| format!("config {} of {reference}", manifest.config.digest))?;
+    crate::oci::manifest::check_layers(&manifest, &config)
+        .with_context(|| format!("image {manifest_digest} of {reference}"))?;
+
+    Ok(Resolved {
+        reference: reference.clone(),
+        manifest_digest,
+        manifest_bytes,
+        media_type,
+        manifest,
+        config_bytes,
+        config,
+    })
+}
+
+/// A manifest or config by digest: from the cache, else from the registry (verified, then
+/// stored).
+async fn fetch_document(
+    ctx: &Context,
+    reference: &Reference,
+    digest: &Digest,
+    what: &str,
+) -> anyhow::Result<(Vec<u8>, Option<String>)> {
+    if ctx.store.has_blob(digest) {
+        return Ok((ctx.store.read_blob(digest)?, None));
+    }
+    if ctx.offline {
+        bail!("{what} {digest} of {reference} is not in the cache: pull it without --offline first");
+    }
+    let (bytes, ct) = if what == "config" {
+        let b = ctx
+            .client
+            .blob_bytes(reference.registry(), reference.repository(), digest, MAX_DOCUMENT)
+            .await?;
+        (b.to_vec(), None)
+    } else {
+        let r = ctx
+            .client
+            .manifest(reference.registry(), reference.repository(), &digest.to_string())
+            .await?;
+        (r.bytes.to_vec(), r.content_type)
+    };
+    ctx.store.put_blob_bytes(digest, &bytes)?;
+    Ok((bytes, ct))
+}
+
+/// The key of a tag in the store's reference index.
+pub fn ref_key(r: &Reference) -> String {
+    format!(
+        "{}/{}:{}",
+        r.registry(),
+        r.repository(),
+        r.tag().unwrap_or("latest")
+    )
+}
+
+pub fn parse_reference(s: &str) -> anyhow::Result<Reference> {
+    Ok(s.parse::<Reference>()?)
+}
+
+/// Layer blobs from the registry, for the store.
+pub struct RegistrySource {
+    pub client: Client,
+    pub registry: String,
+    pub repository: String,
+    pub offline: bool,
+}
+
+impl BlobSource for RegistrySource {
+    fn fetch<'a>(
+        &'a self,
+        digest: &'a Digest,
+        offset: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<BlobBody, SourceError>> + Send + 'a>> {
+        Box::pin(async move {
+            if self.offline {
+                return Err(format!("blob {digest} is not in the cache and --offline is set").into());
+            }
+            let b = self
+                .client
+                .blob(&self.registry, &self.repository, digest, offset, None)
+                .await?;
+            let stream = b.body.map(|r| r.map_err(|e| Box::new(e) as SourceError));
+            Ok(BlobBody {
+                start: b.start,
+                stream: Box::pin(stream),
+            })
+        })
+    }
+}
+
+impl RegistrySource {
+    pub fn new(ctx: &Context, r: &Reference) -> Arc<RegistrySource> {
+        Arc::new(RegistrySource {
+            client: ctx.client.clone(),
+            registry: r.registry().to_owned(),
+            repository: r.repository().to_owned(),
+            offline: ctx.offline,
+        })
+    }
+}
+
+/// `sha256:0123456789ab` — short digests for progress lines.
+pub fn short(d: &Digest) -> String {
+    d.hex()[..12].to_owned()
+}
