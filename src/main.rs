@@ -22,26 +22,9 @@ fn main() -> ExitCode {
     match imagefs::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("imagefs: {}", one_line(&err));
+            eprintln!("imagefs: {}", imagefs::cli::error_line(&err));
             ExitCode::FAILURE
         }
     }
 }
 
-/// The error and its causes on one line ("layer sha256:…: fetching …: connection refused"),
-/// skipping a cause whose text the line already contains (library errors often include
-/// their source in their own message).
-fn one_line(err: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
-}

@@ -1,16 +1,51 @@
-//! `imagefs mount REF MOUNTPOINT` and `imagefs umount MOUNTPOINT` (written with the fs task).
+//! `imagefs mount REF MOUNTPOINT` and `imagefs umount MOUNTPOINT`.
+//!
+//! `mount` resolves the reference (manifest + config, verified), mounts, and returns once the
+//! mount is live; the filesystem is then served by a daemon: the same binary re-executed with
+//! `--foreground`, in its own session, logging to `<cache>/logs/`. The parent waits on a pipe
+//! for the word `ready` (or an error line) so that every failure before the mount is live
+//! reaches the user's terminal, and nothing is left mounted. Layers are fetched on the first
+//! access to anything but the meta files.
 
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
 
+use anyhow::{Context as _, bail};
 use clap::Args;
 
 use super::GlobalOpts;
+use super::common::{self, Context, RegistrySource, Resolved};
+use super::progress::Reporter;
+use crate::fs::{Backend, BackendError, MetaFiles, MountOptions};
+use crate::layer::index::DataRef;
+use crate::oci::Digest;
+use crate::overlay::Tree;
+use crate::store::{BlobSource, Store};
+
+/// Set in the daemon's environment: the parent waits for `ready` on the daemon's stdout.
+const READY_ENV: &str = "IMAGEFS_MOUNT_NOTIFY";
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
+    /// Image reference, e.g. busybox, registry:5000/app:1.0, name@sha256:…
     pub reference: String,
+    /// An existing empty directory
     pub mountpoint: PathBuf,
+    /// Stay in the foreground and serve until unmounted (SIGINT/SIGTERM unmount cleanly)
+    #[arg(long, short = 'f')]
+    pub foreground: bool,
+    /// Let users other than the mounting one access the mount
+    #[arg(long)]
+    pub allow_other: bool,
+    /// FUSE worker threads
+    #[arg(long, default_value_t = 8)]
+    pub threads: usize,
+    /// Do not use FUSE passthrough for local file data (serve reads with pread instead)
+    #[arg(long)]
+    pub no_passthrough: bool,
 }
 
 #[derive(Debug, Args)]
@@ -18,10 +53,267 @@ pub struct UmountArgs {
     pub mountpoint: PathBuf,
 }
 
-pub fn run(_g: &GlobalOpts, _args: MountArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("mount is not available yet")
+pub fn run(g: &GlobalOpts, args: MountArgs) -> anyhow::Result<ExitCode> {
+    let mp = &args.mountpoint;
+    let meta = std::fs::metadata(mp)
+        .with_context(|| format!("mount point {}", mp.display()))?;
+    if !meta.is_dir() {
+        bail!("mount point {} is not a directory", mp.display());
+    }
+    if args.foreground || std::env::var_os(READY_ENV).is_some() {
+        foreground(g, &args)
+    } else {
+        daemonise(g, &args)
+    }
 }
 
-pub fn umount(_args: UmountArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("umount is not available yet")
+/// Re-run ourselves with `--foreground` in a new session and wait until it says `ready`.
+fn daemonise(g: &GlobalOpts, args: &MountArgs) -> anyhow::Result<ExitCode> {
+    let cache = common::cache_dir(g)?;
+    let logs = cache.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let abs = std::path::absolute(&args.mountpoint)?;
+    let log_path = logs.join(format!(
+        "mount-{}.log",
+        abs.to_string_lossy().trim_matches('/').replace('/', "_")
+    ));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening log {}", log_path.display()))?;
+
+    let exe = std::env::current_exe().context("locating the imagefs executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .env(READY_ENV, "1")
+        // Flags from the environment that the child must see the same way.
+        .env("IMAGEFS_CACHE_DIR", &cache)
+        .stdin(Stdio::inherit()) // --password-stdin is read by the daemon
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    // SAFETY: setsid is async-signal-safe; the daemon must not die with our terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    let out = child.stdout.take().expect("piped stdout");
+    let mut last = String::new();
+    for line in BufReader::new(out).lines() {
+        let line = line.unwrap_or_default();
+        if line == "ready" {
+            return Ok(ExitCode::SUCCESS);
+        }
+        last = line;
+    }
+    let status = child.wait()?;
+    let msg = last
+        .strip_prefix("error: ")
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("mount daemon exited with {status}; see {}", log_path.display()));
+    bail!("{msg}")
+}
+
+/// Resolve, mount, tell the parent (if any), serve until unmounted or signalled.
+fn foreground(g: &GlobalOpts, args: &MountArgs) -> anyhow::Result<ExitCode> {
+    let notify = std::env::var_os(READY_ENV).is_some();
+    let result = serve(g, args, notify);
+    if notify {
+        if let Err(e) = &result {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "error: {}", super::error_line(e));
+            let _ = out.flush();
+        }
+    }
+    result
+}
+
+fn serve(g: &GlobalOpts, args: &MountArgs, notify: bool) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()?;
+    let ctx = rt.block_on(async { Context::new(g) })?;
+    let reference = common::parse_reference(&args.reference)?;
+    let resolved = rt.block_on(common::resolve(&ctx, &reference))?;
+    let meta = MetaFiles {
+        config: resolved.config_bytes.clone(),
+        manifest: resolved.manifest_bytes.clone(),
+        digest: resolved.manifest_digest.to_string(),
+        id: resolved.image_id().to_string(),
+    };
+    let backend = Arc::new(ImageBackend {
+        store: ctx.store.clone(),
+        source: RegistrySource::new(&ctx, &reference),
+        diff_ids: resolved.config.rootfs.diff_ids.clone(),
+        resolved,
+        rt: rt.handle().clone(),
+        tree: Mutex::new(None),
+        building: Mutex::new(()),
+    });
+    let opts = MountOptions {
+        fs_name: format!("imagefs:{reference}"),
+        allow_other: args.allow_other,
+        threads: args.threads.max(1),
+        passthrough: !args.no_passthrough,
+    };
+    let mounted = crate::fs::mount(backend, meta, &args.mountpoint, &opts)?;
+    let unmounter = mounted.unmounter();
+    rt.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received, unmounting");
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = unmounter.unmount() {
+                tracing::error!("{e}");
+            }
+        })
+        .await;
+    });
+    if notify {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "ready")?;
+        out.flush()?;
+        drop(out);
+        // The parent is gone after `ready`: stdout and stdin must not keep its pipe/terminal.
+        detach_stdio();
+    }
+    mounted.run()?;
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn detach_stdio() {
+    // SAFETY: plain fd juggling on fds we own; /dev/null always exists.
+    unsafe {
+        let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if fd >= 0 {
+            libc::dup2(fd, 0);
+            libc::dup2(fd, 1);
+            if fd > 2 {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+/// The store as the filesystem's backend: the first `tree()` fetches, verifies and extracts
+/// every layer (concurrently), then merges their indexes; later calls return the same tree.
+struct ImageBackend {
+    store: Store,
+    source: Arc<dyn BlobSource>,
+    resolved: Resolved,
+    diff_ids: Vec<Digest>,
+    rt: tokio::runtime::Handle,
+    /// The merged tree once built. A std Mutex: held only to clone the Arc.
+    tree: Mutex<Option<Arc<Tree>>>,
+    /// Single flight for the build: the first caller builds, the others wait here and then
+    /// find the tree (or try again after a failure, e.g. once the network is back).
+    building: Mutex<()>,
+}
+
+impl ImageBackend {
+    fn build(&self) -> anyhow::Result<Tree> {
+        let reporter = Reporter::Quiet;
+        let started = std::time::Instant::now();
+        self.rt.block_on(super::pull::fetch_layers(
+            &self.store,
+            self.source.clone(),
+            &self.resolved,
+            &reporter,
+        ))?;
+        let fetched = started.elapsed();
+        let mut indexes = Vec::with_capacity(self.diff_ids.len());
+        for d in &self.diff_ids {
+            indexes.push(self.store.load_layer_index(d)?);
+        }
+        let tree = crate::overlay::merge(&indexes)
+            .with_context(|| format!("merging the layers of {}", self.resolved.reference))?;
+        tracing::info!(
+            layers = indexes.len(),
+            inodes = tree.inodes.len(),
+            fetch_ms = fetched.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "image tree ready"
+        );
+        Ok(tree)
+    }
+}
+
+impl Backend for ImageBackend {
+    fn tree(&self) -> Result<Arc<Tree>, BackendError> {
+        if let Some(t) = self.tree.lock().expect("tree lock").clone() {
+            return Ok(t);
+        }
+        let _building = self.building.lock().expect("build lock");
+        if let Some(t) = self.tree.lock().expect("tree lock").clone() {
+            return Ok(t);
+        }
+        let tree = Arc::new(
+            self.build()
+                .map_err(|e| BackendError::new(super::error_line(&e)))?,
+        );
+        *self.tree.lock().expect("tree lock") = Some(tree.clone());
+        Ok(tree)
+    }
+
+    fn open(&self, layer: u32, data: DataRef) -> Result<std::fs::File, BackendError> {
+        let diff_id = self
+            .diff_ids
+            .get(layer as usize)
+            .ok_or_else(|| BackendError::new(format!("no layer {layer} in this image")))?;
+        let path = self.store.data_path(diff_id, data);
+        std::fs::File::open(&path)
+            .map_err(|e| BackendError::new(format!("opening {}: {e}", path.display())))
+    }
+}
+
+/// Unmount with `fusermount3 -u`; if the mount is busy or its daemon is gone, detach it
+/// lazily (`-z`). The daemon exits when its session ends.
+pub fn umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
+    let mp = std::path::absolute(&args.mountpoint)?;
+    if !is_mounted(&mp)? {
+        bail!("{} is not mounted", mp.display());
+    }
+    let plain = Command::new("fusermount3").arg("-u").arg(&mp).output();
+    match plain {
+        Ok(o) if o.status.success() => return Ok(ExitCode::SUCCESS),
+        Ok(_) | Err(_) => {}
+    }
+    let lazy = Command::new("fusermount3")
+        .arg("-uz")
+        .arg(&mp)
+        .output()
+        .context("running fusermount3 (install fuse3)")?;
+    if lazy.status.success() || !is_mounted(&mp)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Last resort for root: the umount(2) syscall with MNT_DETACH.
+    let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes())?;
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    bail!(
+        "cannot unmount {}: {}",
+        mp.display(),
+        String::from_utf8_lossy(&lazy.stderr).trim()
+    )
+}
+
+/// Whether `mp` is a mount point, from /proc/self/mountinfo (field 5; spaces are `\040`).
+pub fn is_mounted(mp: &Path) -> anyhow::Result<bool> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let want = mp.to_string_lossy().replace(' ', "\\040");
+    Ok(info
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str())))
 }
