@@ -60,6 +60,13 @@ pub fn run(g: &GlobalOpts, args: MountArgs) -> anyhow::Result<ExitCode> {
     if !meta.is_dir() {
         bail!("mount point {} is not a directory", mp.display());
     }
+    if is_mounted(&std::path::absolute(mp)?)? {
+        bail!(
+            "{} is already a mount point: unmount it first (imagefs umount {})",
+            mp.display(),
+            mp.display()
+        );
+    }
     if args.foreground || std::env::var_os(READY_ENV).is_some() {
         foreground(g, &args)
     } else {

@@ -90,7 +90,33 @@ impl Store {
             let p = root.join(sub);
             b.create(&p).map_err(io_err(&p))?;
         }
-        Ok(Store { root })
+        let store = Store { root };
+        store.remove_stale_temps();
+        Ok(store)
+    }
+
+    /// Temporary files and directories are named `PREFIX-PID-N`; those of processes that no
+    /// longer run are leftovers of a crash (never complete layers: those were renamed away).
+    fn remove_stale_temps(&self) {
+        let Ok(dir) = fs::read_dir(self.root.join("tmp")) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.split('-').nth(1))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let path = entry.path();
+            tracing::info!(path = %path.display(), "removing leftover of an interrupted extraction");
+            let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -282,6 +308,20 @@ mod tests {
         fs::write(store.blob_path(&good), b"tampered").unwrap();
         let err = store.read_blob(&good).unwrap_err();
         assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn leftovers_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // pid_max is at most 2^22, so this pid cannot be running.
+        let dead = store.root().join("tmp/layer-99999999-0");
+        let alive = store.root().join(format!("tmp/layer-{}-0", std::process::id()));
+        fs::create_dir_all(dead.join("data")).unwrap();
+        fs::create_dir_all(&alive).unwrap();
+        Store::open(dir.path()).unwrap();
+        assert!(!dead.exists());
+        assert!(alive.exists());
     }
 
     #[test]
