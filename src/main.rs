@@ -9,16 +9,19 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = imagefs::cli::Cli::parse();
     let default = match cli.global.verbose {
-        0 => "warn",
-        1 => "imagefs=info",
-        2 => "imagefs=debug",
-        _ => "imagefs=trace",
+        // fuser warns about a failed second unmount after an external `fusermount3 -u`
+        // (its mounted-check is inverted in 0.18): harmless, so only its errors are shown.
+        0 => "warn,fuser=error",
+        1 => "warn,fuser=error,imagefs=info",
+        2 => "warn,fuser=error,imagefs=debug",
+        _ => "warn,imagefs=trace",
     };
     let filter = EnvFilter::try_from_env("IMAGEFS_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    raise_fd_limit();
     match imagefs::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -28,3 +31,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// A mount keeps one fd per open file it serves with pread: allow as many as the hard limit.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

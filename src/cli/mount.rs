@@ -46,6 +46,12 @@ pub struct MountArgs {
     /// Do not use FUSE passthrough for local file data (serve reads with pread instead)
     #[arg(long)]
     pub no_passthrough: bool,
+    /// Do not honour setuid/setgid bits (they are honoured by default, as a rootfs needs)
+    #[arg(long)]
+    pub nosuid: bool,
+    /// Do not allow opening device nodes of the image
+    #[arg(long)]
+    pub nodev: bool,
 }
 
 #[derive(Debug, Args)]
@@ -55,8 +61,7 @@ pub struct UmountArgs {
 
 pub fn run(g: &GlobalOpts, args: MountArgs) -> anyhow::Result<ExitCode> {
     let mp = &args.mountpoint;
-    let meta = std::fs::metadata(mp)
-        .with_context(|| format!("mount point {}", mp.display()))?;
+    let meta = std::fs::metadata(mp).with_context(|| format!("mount point {}", mp.display()))?;
     if !meta.is_dir() {
         bail!("mount point {} is not a directory", mp.display());
     }
@@ -120,7 +125,12 @@ fn daemonise(g: &GlobalOpts, args: &MountArgs) -> anyhow::Result<ExitCode> {
     let msg = last
         .strip_prefix("error: ")
         .map(str::to_owned)
-        .unwrap_or_else(|| format!("mount daemon exited with {status}; see {}", log_path.display()));
+        .unwrap_or_else(|| {
+            format!(
+                "mount daemon exited with {status}; see {}",
+                log_path.display()
+            )
+        });
     bail!("{msg}")
 }
 
@@ -166,6 +176,8 @@ fn serve(g: &GlobalOpts, args: &MountArgs, notify: bool) -> anyhow::Result<ExitC
         allow_other: args.allow_other,
         threads: args.threads.max(1),
         passthrough: !args.no_passthrough,
+        nosuid: args.nosuid,
+        nodev: args.nodev,
     };
     let mounted = crate::fs::mount(backend, meta, &args.mountpoint, &opts)?;
     let unmounter = mounted.unmounter();

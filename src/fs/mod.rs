@@ -1,1 +1,279 @@
-//! FUSE filesystem (written in the fs task).
+//! The FUSE filesystem: serves a merged [`Tree`] read-only over FUSE (fuser 0.18), with four
+//! meta files at the root. The only module that knows `fuser`, errno, inode numbers and TTLs.
+//!
+//! It does not know where the tree and file data come from: a [`Backend`] (the store, in the
+//! binary) produces the tree and opens local files, blocking until they are there. FUSE worker
+//! threads simply wait on it; readers never see EAGAIN.
+//!
+//! What the kernel sees:
+//! - inode numbers: tree inode id + 1 (the root, id 0, is FUSE inode 1); the meta files use the
+//!   top of the `u64` range;
+//! - `.config.json`, `.manifest.json`, `.digest`, `.id` at the root: 0444, root-owned, served
+//!   from memory; looking them up, reading them and `stat` of the root never ask for the tree.
+//!   Before the tree exists the root's attributes are a placeholder 0755 directory (not cached
+//!   by the kernel); `statfs` answers zeros;
+//! - a read-only mount (`ro`, `default_permissions` (plus `nosuid`, `nodev` when asked), fstype
+//!   `fuse.imagefs`), EROFS for every change, day-long entry/attribute TTLs and cached negative
+//!   lookups, kept page cache, 1 MiB requests, READDIRPLUS, several worker threads, and kernel
+//!   passthrough reads when asked for and available (else `pread`).
+
+mod attr;
+mod errno;
+mod filesystem;
+mod meta;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::layer::index::DataRef;
+use crate::overlay::Tree;
+use filesystem::ImageFs;
+use meta::MetaTable;
+
+/// Image metadata served at the root without touching any layer.
+#[derive(Clone, Debug)]
+pub struct MetaFiles {
+    /// `.config.json`, verbatim.
+    pub config: Vec<u8>,
+    /// `.manifest.json`, verbatim.
+    pub manifest: Vec<u8>,
+    /// The manifest digest, `sha256:…`; `.digest` is this plus a newline.
+    pub digest: String,
+    /// The image id (config digest), `sha256:…`; `.id` is this plus a newline.
+    pub id: String,
+}
+
+/// Where the tree and file data come from. Called from FUSE worker threads; may block.
+pub trait Backend: Send + Sync + 'static {
+    /// The merged tree. The first call triggers fetching all layers; blocks until ready. A
+    /// failure is logged and becomes EIO for the request that asked; the next request asks
+    /// again (the backend decides whether to retry or repeat the error).
+    fn tree(&self) -> Result<Arc<Tree>, BackendError>;
+
+    /// Open the local file holding the content of a regular file (layer index, `DataRef`),
+    /// read-only; blocks until it is local.
+    fn open(&self, layer: u32, data: DataRef) -> Result<std::fs::File, BackendError>;
+}
+
+/// Why the backend could not produce the tree or a file; logged at the FUSE boundary.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    /// The reason, with what failed (e.g. the layer digest).
+    pub message: String,
+}
+
+impl BackendError {
+    pub fn new(message: impl Into<String>) -> BackendError {
+        BackendError {
+            message: message.into(),
+        }
+    }
+}
+
+/// How to mount.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// The mount source shown in `/proc/mounts`, e.g. `imagefs:docker.io/library/busybox:latest`.
+    pub fs_name: String,
+    /// Let other users than the mounting one in (`allow_other`; for non-root mounts this needs
+    /// `user_allow_other` in `/etc/fuse.conf`).
+    pub allow_other: bool,
+    /// FUSE worker threads (at least 1). Each blocks while its request waits on the backend.
+    pub threads: usize,
+    /// Use kernel passthrough for reads of regular files when the kernel grants it (Linux ≥ 6.9,
+    /// `CAP_SYS_ADMIN`); falls back to `pread` silently otherwise.
+    pub passthrough: bool,
+    /// Mount `nosuid` (setuid/setgid bits shown but not honoured). Off by default: a container
+    /// rootfs needs them, as on overlayfs.
+    pub nosuid: bool,
+    /// Mount `nodev` (device nodes shown but not openable). Off by default, like a rootfs.
+    pub nodev: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error(
+        "cannot mount at {}: {source}; check that /dev/fuse exists and the mountpoint is an existing directory",
+        mountpoint.display()
+    )]
+    Mount {
+        mountpoint: PathBuf,
+        source: io::Error,
+    },
+    #[error("the FUSE session at {} failed: {source}", mountpoint.display())]
+    Session {
+        mountpoint: PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot unmount {}: {source}; try `fusermount3 -u {}`", mountpoint.display(), mountpoint.display())]
+    Unmount {
+        mountpoint: PathBuf,
+        source: io::Error,
+    },
+}
+
+/// Mount and serve until unmounted (`fusermount3 -u` / `umount`, or [`Unmounter::unmount`]);
+/// returns after the kernel session ended. `on_ready` is called once the mount is live.
+///
+/// For a clean shutdown on signals use [`mount`] instead: take an [`Unmounter`] before
+/// [`Mounted::run`] and call it from the thread that waits for the signal.
+pub fn serve(
+    backend: Arc<dyn Backend>,
+    meta: MetaFiles,
+    mountpoint: &Path,
+    opts: &MountOptions,
+    on_ready: impl FnOnce(),
+) -> Result<(), FsError> {
+    let mounted = mount(backend, meta, mountpoint, opts)?;
+    on_ready();
+    mounted.run()
+}
+
+/// Mount without serving yet. When this returns the mount is live (the kernel's INIT has been
+/// answered); requests queue in the kernel until [`Mounted::run`].
+///
+/// Shutting down on SIGINT/SIGTERM:
+///
+/// ```no_run
+/// # fn f(backend: std::sync::Arc<dyn imagefs::fs::Backend>, meta: imagefs::fs::MetaFiles,
+/// #      opts: imagefs::fs::MountOptions) -> Result<(), imagefs::fs::FsError> {
+/// let mut mounted = imagefs::fs::mount(backend, meta, "/mnt/x".as_ref(), &opts)?;
+/// let unmounter = mounted.unmounter();
+/// std::thread::spawn(move || {
+///     // wait for the signal here (e.g. a tokio task awaiting ctrl_c / SIGTERM), then:
+///     if let Err(e) = unmounter.unmount() {
+///         tracing::error!("{e}");
+///     }
+/// });
+/// mounted.run() // returns once the kernel session ended
+/// # }
+/// ```
+pub fn mount(
+    backend: Arc<dyn Backend>,
+    meta: MetaFiles,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<Mounted, FsError> {
+    let fs = ImageFs::new(backend, MetaTable::new(meta), opts.passthrough);
+    let mount_err = |source| FsError::Mount {
+        mountpoint: mountpoint.to_path_buf(),
+        source,
+    };
+    let mut config = Config::default();
+    config.mount_options = vec![
+        // fusermount3 splits its -o list at commas; a reference has none, but be sure.
+        MountOption::FSName(opts.fs_name.replace(',', "_")),
+        // As a kernel option rather than `MountOption::Subtype`: fuser's direct mount (as root)
+        // drops `Subtype`, and the kernel needs it to show `fuse.imagefs`.
+        MountOption::CUSTOM("subtype=imagefs".into()),
+        MountOption::RO,
+        MountOption::DefaultPermissions,
+    ];
+    if opts.nosuid {
+        config.mount_options.push(MountOption::NoSuid);
+    }
+    if opts.nodev {
+        config.mount_options.push(MountOption::NoDev);
+    }
+    config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(opts.threads.max(1));
+    // One /dev/fuse fd per worker thread: no contention on a single fd's request queue.
+    config.clone_fd = true;
+    let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(mount_err)?;
+    let mountpoint = mountpoint.canonicalize().map_err(mount_err)?;
+    let unmounter = Unmounter {
+        inner: Arc::new(Mutex::new(session.unmount_callable())),
+        mountpoint: mountpoint.clone(),
+    };
+    tracing::debug!(mountpoint = %mountpoint.display(), "mounted");
+    Ok(Mounted {
+        session,
+        mountpoint,
+        unmounter,
+    })
+}
+
+/// A live mount whose requests are not served yet.
+pub struct Mounted {
+    session: fuser::Session<ImageFs>,
+    mountpoint: PathBuf,
+    unmounter: Unmounter,
+}
+
+impl Mounted {
+    /// A handle that unmounts this mount from any thread.
+    pub fn unmounter(&self) -> Unmounter {
+        self.unmounter.clone()
+    }
+
+    /// Serve requests until the mount goes away; returns after the kernel session ended (and
+    /// after requests still waiting on the backend returned).
+    pub fn run(self) -> Result<(), FsError> {
+        let Mounted {
+            session,
+            mountpoint,
+            unmounter: _,
+        } = self;
+        session.run().map_err(|source| FsError::Session {
+            mountpoint: mountpoint.clone(),
+            source,
+        })?;
+        tracing::debug!(mountpoint = %mountpoint.display(), "session ended");
+        Ok(())
+    }
+}
+
+/// Unmounts a [`Mounted`] from another thread (`Clone`, `Send`, `Sync`). Call it from an
+/// ordinary thread or task that waits for the signal — not from inside an async signal handler:
+/// it makes system calls and may run `fusermount3`.
+#[derive(Clone)]
+pub struct Unmounter {
+    inner: Arc<Mutex<fuser::SessionUnmounter>>,
+    mountpoint: PathBuf,
+}
+
+impl Unmounter {
+    /// Unmount; `run` then returns. If the mount is busy (a process has its cwd or a file open
+    /// in it), detach it lazily: it disappears from the namespace now, and `run` returns once
+    /// the last user left. Unmounting twice, or after an external `umount`, is fine.
+    pub fn unmount(&self) -> Result<(), FsError> {
+        let first = self.inner.lock().unwrap().unmount();
+        match first {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                tracing::info!(
+                    mountpoint = %self.mountpoint.display(),
+                    "mount busy; detached lazily, serving until its last user leaves"
+                );
+                lazy_unmount(&self.mountpoint).map_err(|source| FsError::Unmount {
+                    mountpoint: self.mountpoint.clone(),
+                    source,
+                })
+            }
+            Err(source) => Err(FsError::Unmount {
+                mountpoint: self.mountpoint.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+/// `umount -l`.
+fn lazy_unmount(mountpoint: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())?;
+    // SAFETY: a valid NUL-terminated path; umount2 does not retain it.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
