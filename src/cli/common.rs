@@ -36,7 +36,9 @@ impl Context {
         let store = Store::open(&cache)
             .with_context(|| format!("cannot use cache directory {}", cache.display()))?;
         let platform = match &g.platform {
-            Some(p) => p.parse().with_context(|| format!("invalid --platform {p:?}"))?,
+            Some(p) => p
+                .parse()
+                .with_context(|| format!("invalid --platform {p:?}"))?,
             None => Platform::host(),
         };
         let credentials = credentials(g)?;
@@ -106,7 +108,10 @@ fn credentials(g: &GlobalOpts) -> anyhow::Result<Option<Credentials>> {
             password: Secret::new(password),
         }));
     }
-    match (std::env::var("IMAGEFS_USERNAME"), std::env::var("IMAGEFS_PASSWORD")) {
+    match (
+        std::env::var("IMAGEFS_USERNAME"),
+        std::env::var("IMAGEFS_PASSWORD"),
+    ) {
         (Ok(username), Ok(password)) if !username.is_empty() => Ok(Some(Credentials {
             username,
             password: Secret::new(password),
@@ -158,7 +163,11 @@ pub async fn resolve(ctx: &Context, reference: &Reference) -> anyhow::Result<Res
         None => {
             let resp = ctx
                 .client
-                .manifest(reference.registry(), reference.repository(), &reference.manifest_reference())
+                .manifest(
+                    reference.registry(),
+                    reference.repository(),
+                    &reference.manifest_reference(),
+                )
                 .await?;
             ctx.store.put_blob_bytes(&resp.digest, &resp.bytes)?;
             if reference.digest().is_none() {
@@ -227,18 +236,29 @@ async fn fetch_document(
         return Ok((ctx.store.read_blob(digest)?, None));
     }
     if ctx.offline {
-        bail!("{what} {digest} of {reference} is not in the cache: pull it without --offline first");
+        bail!(
+            "{what} {digest} of {reference} is not in the cache: pull it without --offline first"
+        );
     }
     let (bytes, ct) = if what == "config" {
         let b = ctx
             .client
-            .blob_bytes(reference.registry(), reference.repository(), digest, MAX_DOCUMENT)
+            .blob_bytes(
+                reference.registry(),
+                reference.repository(),
+                digest,
+                MAX_DOCUMENT,
+            )
             .await?;
         (b.to_vec(), None)
     } else {
         let r = ctx
             .client
-            .manifest(reference.registry(), reference.repository(), &digest.to_string())
+            .manifest(
+                reference.registry(),
+                reference.repository(),
+                &digest.to_string(),
+            )
             .await?;
         (r.bytes.to_vec(), r.content_type)
     };
@@ -276,7 +296,9 @@ impl BlobSource for RegistrySource {
     ) -> Pin<Box<dyn Future<Output = Result<BlobBody, SourceError>> + Send + 'a>> {
         Box::pin(async move {
             if self.offline {
-                return Err(format!("blob {digest} is not in the cache and --offline is set").into());
+                return Err(
+                    format!("blob {digest} is not in the cache and --offline is set").into(),
+                );
             }
             let b = self
                 .client

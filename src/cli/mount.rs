@@ -138,12 +138,10 @@ fn daemonise(g: &GlobalOpts, args: &MountArgs) -> anyhow::Result<ExitCode> {
 fn foreground(g: &GlobalOpts, args: &MountArgs) -> anyhow::Result<ExitCode> {
     let notify = std::env::var_os(READY_ENV).is_some();
     let result = serve(g, args, notify);
-    if notify {
-        if let Err(e) = &result {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "error: {}", super::error_line(e));
-            let _ = out.flush();
-        }
+    if notify && let Err(e) = &result {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "error: {}", super::error_line(e));
+        let _ = out.flush();
     }
     result
 }

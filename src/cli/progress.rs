@@ -19,9 +19,9 @@ impl Reporter {
         match (quiet, tty) {
             (true, _) => Reporter::Quiet,
             (false, false) => Reporter::Lines,
-            (false, true) => Reporter::Bars(MultiProgress::with_draw_target(
-                ProgressDrawTarget::stderr(),
-            )),
+            (false, true) => {
+                Reporter::Bars(MultiProgress::with_draw_target(ProgressDrawTarget::stderr()))
+            }
         }
     }
 

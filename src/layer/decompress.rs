@@ -15,10 +15,9 @@ pub fn decoder<'a, R: Read + Send + 'a>(
         Compression::None => Box::new(reader),
         // MultiGzDecoder: a gzip stream may be several members back to back (eStargz is one
         // member per file or chunk); the plain decoder would stop after the first.
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(
-            256 * 1024,
-            reader,
-        ))),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
+            io::BufReader::with_capacity(256 * 1024, reader),
+        )),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(reader)?),
     })
 }

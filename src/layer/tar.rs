@@ -95,7 +95,10 @@ pub fn index_layer<R: Read>(reader: R, data_dir: Option<&Path>) -> Result<LayerI
             nsec: 0,
         };
 
-        if let Some(pax) = te.pax_extensions().map_err(|source| TarError::Read { source })? {
+        if let Some(pax) = te
+            .pax_extensions()
+            .map_err(|source| TarError::Read { source })?
+        {
             for ext in pax {
                 let ext = ext.map_err(|source| TarError::Read { source })?;
                 let key = ext.key_bytes();
@@ -115,7 +118,11 @@ pub fn index_layer<R: Read>(reader: R, data_dir: Option<&Path>) -> Result<LayerI
         match kind {
             EntryKind::Symlink => {
                 // Verbatim: a symlink target is never cleaned or resolved.
-                entry.link = Some(te.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default());
+                entry.link = Some(
+                    te.link_name_bytes()
+                        .map(|l| l.into_owned())
+                        .unwrap_or_default(),
+                );
             }
             EntryKind::Hardlink => {
                 let target = te
@@ -266,13 +273,11 @@ fn parse_pax_time(v: &[u8]) -> Option<Timespec> {
         nsec = digits.parse().ok()?;
     }
     // A negative time with a fraction counts the fraction towards the past.
-    if sec < 0 || int.starts_with('-') {
-        if nsec > 0 {
-            return Some(Timespec {
-                sec: sec - 1,
-                nsec: 1_000_000_000 - nsec,
-            });
-        }
+    if (sec < 0 || int.starts_with('-')) && nsec > 0 {
+        return Some(Timespec {
+            sec: sec - 1,
+            nsec: 1_000_000_000 - nsec,
+        });
     }
     Some(Timespec { sec, nsec })
 }
@@ -300,7 +305,12 @@ mod tests {
             (b"\xff/x", b"\xff/x"),
         ];
         for (input, want) in cases {
-            assert_eq!(clean_path(input), *want, "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                clean_path(input),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
@@ -358,8 +368,12 @@ mod tests {
             h.set_device_major(5).unwrap();
             h.set_device_minor(1).unwrap();
             b.append_data(&mut h, "dev/console", &[][..]).unwrap();
-            b.append_data(&mut header(EntryType::Regular, 0, 0o644), "dir/.wh.gone", &[][..])
-                .unwrap();
+            b.append_data(
+                &mut header(EntryType::Regular, 0, 0o644),
+                "dir/.wh.gone",
+                &[][..],
+            )
+            .unwrap();
         });
         let dir = tempfile::tempdir().unwrap();
         let idx = index_layer(&tarball[..], Some(dir.path())).unwrap();
@@ -371,13 +385,25 @@ mod tests {
         let long = format!("{}/file", "d".repeat(200));
         assert_eq!(
             paths,
-            ["", "bin/su", "empty", "bin/sh", "bin/su2", &long, "dev/console", "dir/.wh.gone"]
+            [
+                "",
+                "bin/su",
+                "empty",
+                "bin/sh",
+                "bin/su2",
+                &long,
+                "dev/console",
+                "dir/.wh.gone"
+            ]
         );
         let su = &idx.entries[1];
         assert_eq!((su.mode, su.uid, su.gid, su.size), (0o4755, 1000, 1001, 5));
         assert_eq!(su.mtime.sec, 1_704_067_200);
         let data = su.data.unwrap();
-        assert_eq!(std::fs::read(data_path(dir.path(), data)).unwrap(), b"hello");
+        assert_eq!(
+            std::fs::read(data_path(dir.path(), data)).unwrap(),
+            b"hello"
+        );
         assert_eq!(idx.entries[2].data, None);
         assert_eq!(idx.entries[3].link.as_deref(), Some(&b"../x/y"[..]));
         assert_eq!(idx.entries[4].kind, EntryKind::Hardlink);
@@ -400,7 +426,13 @@ mod tests {
         });
         let idx = index_layer(&tarball[..], None).unwrap();
         let e = &idx.entries[0];
-        assert_eq!(e.mtime, Timespec { sec: 1_704_067_200, nsec: 123 });
+        assert_eq!(
+            e.mtime,
+            Timespec {
+                sec: 1_704_067_200,
+                nsec: 123
+            }
+        );
         assert_eq!(e.xattrs.len(), 2);
         assert_eq!(e.xattrs[0].name, b"security.capability");
         assert_eq!(e.xattrs[1].value, b"");
@@ -414,8 +446,12 @@ mod tests {
         let last = content.len() - 1;
         content[last] = 2;
         let tarball = build(|b| {
-            b.append_data(&mut header(EntryType::Regular, content.len() as u64, 0o644), "big", &content[..])
-                .unwrap();
+            b.append_data(
+                &mut header(EntryType::Regular, content.len() as u64, 0o644),
+                "big",
+                &content[..],
+            )
+            .unwrap();
         });
         let dir = tempfile::tempdir().unwrap();
         let idx = index_layer(&tarball[..], Some(dir.path())).unwrap();
@@ -439,8 +475,12 @@ mod tests {
         assert_eq!(idx.entries[0].path, b"etc/os-release");
 
         let plain = build(|b| {
-            b.append_data(&mut header(EntryType::Regular, 1, 0o644), ".prefetch.landmark", &b"x"[..])
-                .unwrap();
+            b.append_data(
+                &mut header(EntryType::Regular, 1, 0o644),
+                ".prefetch.landmark",
+                &b"x"[..],
+            )
+            .unwrap();
         });
         assert_eq!(index_layer(&plain[..], None).unwrap().entries.len(), 1);
     }
@@ -448,8 +488,12 @@ mod tests {
     #[test]
     fn truncated_archive_is_an_error() {
         let tarball = build(|b| {
-            b.append_data(&mut header(EntryType::Regular, 5000, 0o644), "f", &vec![7u8; 5000][..])
-                .unwrap();
+            b.append_data(
+                &mut header(EntryType::Regular, 5000, 0o644),
+                "f",
+                &vec![7u8; 5000][..],
+            )
+            .unwrap();
         });
         let err = index_layer(&tarball[..2048], None).unwrap_err();
         assert!(err.to_string().contains("reading the layer tar"), "{err}");

@@ -38,13 +38,17 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
-    #[error("{what} {expected} failed verification: its content hashes to {actual}; nothing was stored")]
+    #[error(
+        "{what} {expected} failed verification: its content hashes to {actual}; nothing was stored"
+    )]
     DigestMismatch {
         what: &'static str,
         expected: Digest,
         actual: Digest,
     },
-    #[error("layer {digest}: expected {expected} bytes, the registry sent {actual}; nothing was stored")]
+    #[error(
+        "layer {digest}: expected {expected} bytes, the registry sent {actual}; nothing was stored"
+    )]
     SizeMismatch {
         digest: Digest,
         expected: u64,
@@ -86,7 +90,15 @@ impl Store {
         b.create(&root).map_err(io_err(&root))?;
         // Existing directories keep their mode with DirBuilder; tighten the root explicitly.
         fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).map_err(io_err(&root))?;
-        for sub in ["blobs/sha256", "blobs/sha512", "partial", "layers/sha256", "layers/sha512", "tmp", "locks"] {
+        for sub in [
+            "blobs/sha256",
+            "blobs/sha512",
+            "partial",
+            "layers/sha256",
+            "layers/sha512",
+            "tmp",
+            "locks",
+        ] {
             let p = root.join(sub);
             b.create(&p).map_err(io_err(&p))?;
         }
@@ -262,10 +274,15 @@ impl Store {
     pub fn get_ref(&self, key: &str) -> Result<Option<Digest>, StoreError> {
         let path = self.root.join("refs.json");
         Ok(match self.refs()?.get(key) {
-            Some(s) => Some(s.parse().map_err(|e: crate::oci::DigestError| StoreError::Corrupt {
-                path,
-                message: e.to_string(),
-            })?),
+            Some(s) => {
+                Some(
+                    s.parse()
+                        .map_err(|e: crate::oci::DigestError| StoreError::Corrupt {
+                            path,
+                            message: e.to_string(),
+                        })?,
+                )
+            }
             None => None,
         })
     }
@@ -303,7 +320,10 @@ mod tests {
         let wrong = Digest::sha256(b"missing");
         assert!(!store.has_blob(&wrong));
         assert!(store.put_blob_bytes(&wrong, b"config").is_err());
-        assert!(!store.has_blob(&wrong), "a mismatching blob must not be stored");
+        assert!(
+            !store.has_blob(&wrong),
+            "a mismatching blob must not be stored"
+        );
 
         fs::write(store.blob_path(&good), b"tampered").unwrap();
         let err = store.read_blob(&good).unwrap_err();
@@ -316,7 +336,9 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         // pid_max is at most 2^22, so this pid cannot be running.
         let dead = store.root().join("tmp/layer-99999999-0");
-        let alive = store.root().join(format!("tmp/layer-{}-0", std::process::id()));
+        let alive = store
+            .root()
+            .join(format!("tmp/layer-{}-0", std::process::id()));
         fs::create_dir_all(dead.join("data")).unwrap();
         fs::create_dir_all(&alive).unwrap();
         Store::open(dir.path()).unwrap();
@@ -329,8 +351,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let d = Digest::sha256(b"m");
-        assert_eq!(store.get_ref("docker.io/library/busybox:latest").unwrap(), None);
-        store.set_ref("docker.io/library/busybox:latest", &d).unwrap();
-        assert_eq!(store.get_ref("docker.io/library/busybox:latest").unwrap(), Some(d));
+        assert_eq!(
+            store.get_ref("docker.io/library/busybox:latest").unwrap(),
+            None
+        );
+        store
+            .set_ref("docker.io/library/busybox:latest", &d)
+            .unwrap();
+        assert_eq!(
+            store.get_ref("docker.io/library/busybox:latest").unwrap(),
+            Some(d)
+        );
     }
 }

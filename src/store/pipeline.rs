@@ -24,11 +24,14 @@ use crate::oci::{Compression, Digest, Hasher};
 /// happened and what to do).
 pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A stream of blob bytes.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, SourceError>> + Send>>;
+
 /// A blob body from `start` onwards (`start` may be smaller than what was asked for when the
 /// source cannot seek, e.g. a registry that ignores Range).
 pub struct BlobBody {
     pub start: u64,
-    pub stream: Pin<Box<dyn Stream<Item = Result<Bytes, SourceError>> + Send>>,
+    pub stream: ByteStream,
 }
 
 /// Where blob bytes come from (the registry, in the binary). The store knows nothing else of
@@ -47,11 +50,19 @@ pub enum LayerEvent {
     /// Already extracted: nothing to do.
     Cached,
     /// Starting; `resumed` bytes are already local.
-    Started { size: u64, resumed: u64 },
+    Started {
+        size: u64,
+        resumed: u64,
+    },
     /// `n` more compressed bytes processed.
-    Progress { n: u64 },
+    Progress {
+        n: u64,
+    },
     /// Transient failure, retrying.
-    Retrying { attempt: u32, reason: String },
+    Retrying {
+        attempt: u32,
+        reason: String,
+    },
     Done,
 }
 
@@ -107,7 +118,8 @@ impl Store {
                         reason: e.to_string(),
                     });
                     tracing::warn!(digest = %job.digest, attempt, "layer fetch failed, resuming: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(200 << attempt.min(5))).await;
+                    tokio::time::sleep(std::time::Duration::from_millis(200 << attempt.min(5)))
+                        .await;
                 }
                 Err(Failure::Transient(e) | Failure::Final(e)) => return Err(e),
             }
@@ -183,7 +195,7 @@ impl Store {
         job: &LayerJob,
         have_blob: bool,
         resumed: u64,
-        body: Option<Pin<Box<dyn Stream<Item = Result<Bytes, SourceError>> + Send>>>,
+        body: Option<ByteStream>,
         handle: tokio::runtime::Handle,
         progress: Progress,
     ) -> Result<(), Failure> {
@@ -217,29 +229,30 @@ impl Store {
         fs::create_dir_all(&data_dir).map_err(|e| fin(io_err(&data_dir)(e)))?;
         let cleanup = TempDir(tmp.clone());
 
-        let result = (|| -> io::Result<Result<(crate::layer::LayerIndex, Digest, u64), StoreError>> {
-            let count = std::sync::atomic::AtomicU64::new(0);
-            let dec = decompress::decoder(job.compression, CountInto(&mut compressed, &count))?;
-            let bounded = decompress::Bounded::new(dec, job.limits, || {
-                count.load(std::sync::atomic::Ordering::Relaxed)
-            });
-            let mut tar_stream = Hashing::new(bounded, job.diff_id.hasher(), Arc::new(|_| {}));
-            let index = match index_layer(&mut tar_stream, Some(&data_dir)) {
-                Ok(i) => i,
-                Err(crate::layer::tar::TarError::Read { source }) => return Err(source),
-                Err(e) => {
-                    return Ok(Err(StoreError::Layer {
-                        digest: job.digest.clone(),
-                        message: e.to_string(),
-                    }));
-                }
-            };
-            // Hash everything after the end-of-archive marker too: the diff_id covers it.
-            io::copy(&mut tar_stream, &mut io::sink())?;
-            let tar_size = tar_stream.count;
-            let diff_id = tar_stream.hasher.take().expect("hasher").finish();
-            Ok(Ok((index, diff_id, tar_size)))
-        })();
+        let result =
+            (|| -> io::Result<Result<(crate::layer::LayerIndex, Digest, u64), StoreError>> {
+                let count = std::sync::atomic::AtomicU64::new(0);
+                let dec = decompress::decoder(job.compression, CountInto(&mut compressed, &count))?;
+                let bounded = decompress::Bounded::new(dec, job.limits, || {
+                    count.load(std::sync::atomic::Ordering::Relaxed)
+                });
+                let mut tar_stream = Hashing::new(bounded, job.diff_id.hasher(), Arc::new(|_| {}));
+                let index = match index_layer(&mut tar_stream, Some(&data_dir)) {
+                    Ok(i) => i,
+                    Err(crate::layer::tar::TarError::Read { source }) => return Err(source),
+                    Err(e) => {
+                        return Ok(Err(StoreError::Layer {
+                            digest: job.digest.clone(),
+                            message: e.to_string(),
+                        }));
+                    }
+                };
+                // Hash everything after the end-of-archive marker too: the diff_id covers it.
+                io::copy(&mut tar_stream, &mut io::sink())?;
+                let tar_size = tar_stream.count;
+                let diff_id = tar_stream.hasher.take().expect("hasher").finish();
+                Ok(Ok((index, diff_id, tar_size)))
+            })();
 
         let (index, diff_id, _tar_size) = match result {
             Ok(Ok(v)) => v,
@@ -300,18 +313,23 @@ impl Store {
     /// The layer's content is unusable (bad compression, bad tar, bomb). If the blob's bytes
     /// do not match its digest, that is the real story: say so. Either way the partial
     /// download is dropped, so the next attempt starts from clean bytes.
-    fn data_failure<R: Read>(&self, compressed: &mut Hashing<R>, job: &LayerJob, e: StoreError) -> Failure {
+    fn data_failure<R: Read>(
+        &self,
+        compressed: &mut Hashing<R>,
+        job: &LayerJob,
+        e: StoreError,
+    ) -> Failure {
         let _ = fs::remove_file(self.partial_path(&job.digest));
-        if io::copy(compressed, &mut io::sink()).is_ok() {
-            if let Some(h) = compressed.hasher.take() {
-                let actual = h.finish();
-                if actual != job.digest {
-                    return Failure::Final(StoreError::DigestMismatch {
-                        what: "layer blob",
-                        expected: job.digest.clone(),
-                        actual,
-                    });
-                }
+        if io::copy(compressed, &mut io::sink()).is_ok()
+            && let Some(h) = compressed.hasher.take()
+        {
+            let actual = h.finish();
+            if actual != job.digest {
+                return Failure::Final(StoreError::DigestMismatch {
+                    what: "layer blob",
+                    expected: job.digest.clone(),
+                    actual,
+                });
             }
         }
         Failure::Final(e)
@@ -361,7 +379,7 @@ impl std::error::Error for NetError {}
 /// Reads a blob body stream from a blocking thread, appending every byte to the partial file
 /// (so a later attempt can resume) before handing it on.
 struct NetReader {
-    stream: Option<Pin<Box<dyn Stream<Item = Result<Bytes, SourceError>> + Send>>>,
+    stream: Option<ByteStream>,
     handle: tokio::runtime::Handle,
     buf: Bytes,
     tee: File,
@@ -443,7 +461,6 @@ impl<R: Read> Read for CountInto<'_, R> {
         Ok(n)
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -550,7 +567,10 @@ mod tests {
         assert_eq!(retries.load(Ordering::Relaxed), 1);
         let index = store.load_layer_index(&diff_id).unwrap();
         let data = index.entries[0].data.unwrap();
-        assert_eq!(fs::metadata(store.data_path(&diff_id, data)).unwrap().len(), 800_000);
+        assert_eq!(
+            fs::metadata(store.data_path(&diff_id, data)).unwrap().len(),
+            800_000
+        );
         assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
     }
 
@@ -578,17 +598,28 @@ mod tests {
         let mid = bad.len() / 2;
         bad[mid] ^= 0xff;
         let err = store
-            .ensure_layer(source(&bad, None, false), &job(&gz, &digest, &diff_id), Arc::new(|_| {}))
+            .ensure_layer(
+                source(&bad, None, false),
+                &job(&gz, &digest, &diff_id),
+                Arc::new(|_| {}),
+            )
             .await
             .unwrap_err();
         assert!(err.to_string().contains("failed verification"), "{err}");
-        assert!(!store.has_layer(&diff_id) && !store.has_blob(&digest), "{err}");
+        assert!(
+            !store.has_layer(&diff_id) && !store.has_blob(&digest),
+            "{err}"
+        );
         assert!(!store.partial_path(&digest).exists());
 
         // diff_id mismatch: the config claims another uncompressed digest.
         let other = Digest::sha256(b"not the tar");
         let err = store
-            .ensure_layer(source(&gz, None, false), &job(&gz, &digest, &other), Arc::new(|_| {}))
+            .ensure_layer(
+                source(&gz, None, false),
+                &job(&gz, &digest, &other),
+                Arc::new(|_| {}),
+            )
             .await
             .unwrap_err();
         assert!(err.to_string().contains("diff_id"), "{err}");
