@@ -1,0 +1,960 @@
+//! The [`Client`]: one request loop that picks the URL scheme, authenticates, retries what is
+//! transient and maps failures to [`Error`]; and the four operations built on it.
+//!
+//! Endpoints (distribution-spec "Pull"): `GET /v2/` (ping), `GET /v2/<name>/manifests/<ref>`,
+//! `GET /v2/<name>/blobs/<digest>` (with `Range: bytes=…`, answered 206 with
+//! `Content-Range: bytes start-end/total`, or 200 by registries that ignore Range). Blob GETs
+//! are often redirected to storage on another host; reqwest follows and drops
+//! `Authorization` when the host (or port) changes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt as _;
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, HeaderValue, RANGE, RETRY_AFTER,
+    WWW_AUTHENTICATE,
+};
+use reqwest::{Response, StatusCode};
+
+use crate::oci::Digest;
+use crate::oci::media::{DOCKER_SCHEMA1_MANIFEST, DOCKER_SCHEMA1_SIGNED_MANIFEST, MANIFEST_ACCEPT};
+
+use super::auth::{self, Scheme, Token, TokenResponse};
+use super::credentials::{self, Identity, Secret};
+use super::errors::{self, Error, ErrorEnvelope, Subject};
+use super::{BlobStream, ClientConfig, ManifestResponse};
+
+/// Registries must accept manifests of at least 4 MiB (distribution-spec); refuse far more.
+const MANIFEST_MAX: u64 = 8 << 20;
+/// Error bodies and token responses are small; read no more of them.
+const SMALL_BODY_MAX: u64 = 1 << 20;
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A longer `Retry-After` is not waited for: the error is reported instead.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(30);
+const OAUTH_CLIENT_ID: &str = "imagefs";
+
+/// The API host of `registry`: Docker Hub's names map to `registry-1.docker.io`.
+pub fn api_host(registry: &str) -> &str {
+    match registry {
+        "docker.io" | "index.docker.io" => "registry-1.docker.io",
+        other => other,
+    }
+}
+
+/// Whether `host` (`name[:port]`, `[v6][:port]`) is a loopback address: such registries may
+/// be plain http without being told (Docker's rule: `localhost`, 127.0.0.0/8, `::1`).
+pub fn is_loopback(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((address, _)) => address,
+            None => return false,
+        }
+    } else {
+        host.split(':').next().unwrap_or(host)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<Ipv4Addr>().is_ok_and(|a| a.is_loopback())
+        || (host.starts_with('[') && name.parse::<Ipv6Addr>().is_ok_and(|a| a.is_loopback()))
+}
+
+/// A distribution v2 client. Cheap to clone; clones share connections, tokens and what was
+/// learned about each host.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    config: ClientConfig,
+    manifest_accept: HeaderValue,
+    // The std mutexes below guard small maps, are held for a lookup or an insert and never
+    // across an `.await`.
+    /// Host → scheme found by probing a loopback registry.
+    schemes: Mutex<HashMap<String, UrlScheme>>,
+    /// Host → how it asked to be authenticated (its last 401), so that later requests
+    /// authenticate up front instead of collecting a 401 each.
+    challenges: Mutex<HashMap<String, Scheme>>,
+    /// (host, scope) → token slot. The slot's async mutex is held across the token fetch on
+    /// purpose: it makes concurrent requests for the same scope wait for one fetch.
+    tokens: Mutex<HashMap<(String, String), TokenSlot>>,
+    /// Registry → identity, looked up once (the docker config may run a helper).
+    identities: Mutex<HashMap<String, Option<Identity>>>,
+}
+
+/// The cached token of one (host, scope), if any.
+type TokenSlot = Arc<tokio::sync::Mutex<Option<Token>>>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UrlScheme {
+    Https,
+    Http,
+}
+
+impl UrlScheme {
+    fn as_str(self) -> &'static str {
+        match self {
+            UrlScheme::Https => "https",
+            UrlScheme::Http => "http",
+        }
+    }
+}
+
+/// One registry API request.
+struct Call {
+    /// As in `Reference::registry()`: the key for credentials.
+    registry: String,
+    host: String,
+    repository: Option<String>,
+    /// From `/v2/` on.
+    path: String,
+    accept: Option<HeaderValue>,
+    range: Option<String>,
+    subject: Subject,
+}
+
+/// What a request carried, to know what to drop on a 401.
+struct Sent {
+    header: Option<HeaderValue>,
+    bearer: Option<Secret>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    pub fn new(config: ClientConfig) -> Result<Client, Error> {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(config.user_agent.clone())
+            .connect_timeout(config.timeout)
+            .read_timeout(config.timeout)
+            .redirect(reqwest::redirect::Policy::limited(10))
+            .danger_accept_invalid_certs(config.insecure_skip_tls_verify);
+        for path in &config.ca_certs {
+            let pem = std::fs::read(path).map_err(|source| Error::CaCertRead {
+                path: path.clone(),
+                source,
+            })?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::CaCertInvalid {
+                    path: path.clone(),
+                    reason: errors::cause_chain(&e),
+                })?;
+            if certs.is_empty() {
+                return Err(Error::CaCertInvalid {
+                    path: path.clone(),
+                    reason: "no PEM certificate in it".to_owned(),
+                });
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(|e| Error::ClientSetup {
+            reason: errors::cause_chain(&e),
+        })?;
+        let accept = format!(
+            "{MANIFEST_ACCEPT}, {DOCKER_SCHEMA1_SIGNED_MANIFEST}, {DOCKER_SCHEMA1_MANIFEST}"
+        );
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                config,
+                manifest_accept: HeaderValue::from_str(&accept).expect("media types are ASCII"),
+                schemes: Mutex::default(),
+                challenges: Mutex::default(),
+                tokens: Mutex::default(),
+                identities: Mutex::default(),
+            }),
+        })
+    }
+
+    /// `GET /v2/<repository>/manifests/<reference>`, the reference a tag or a digest. A
+    /// digest reference is verified against the body. Schema 1 types are accepted so that
+    /// the caller can recognise and refuse them.
+    pub async fn manifest(
+        &self,
+        registry: &str,
+        repository: &str,
+        reference: &str,
+    ) -> Result<ManifestResponse, Error> {
+        let call = Call {
+            registry: registry.to_owned(),
+            host: api_host(registry).to_owned(),
+            repository: Some(repository.to_owned()),
+            path: format!("/v2/{repository}/manifests/{reference}"),
+            accept: Some(self.inner.manifest_accept.clone()),
+            range: None,
+            subject: Subject::Manifest {
+                repository: repository.to_owned(),
+                reference: reference.to_owned(),
+            },
+        };
+        let (bytes, url, content_type) = self.fetch_whole(&call, MANIFEST_MAX).await?;
+        if let Ok(expected) = reference.parse::<Digest>() {
+            expected
+                .verify(&bytes)
+                .map_err(|actual| Error::DigestMismatch {
+                    url,
+                    expected,
+                    actual,
+                })?;
+        }
+        Ok(ManifestResponse {
+            digest: Digest::sha256(&bytes),
+            bytes,
+            content_type,
+        })
+    }
+
+    /// A small blob (a config), whole, at most `max_bytes`, verified against `digest`.
+    pub async fn blob_bytes(
+        &self,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        max_bytes: u64,
+    ) -> Result<Bytes, Error> {
+        let call = self.blob_call(registry, repository, digest, None);
+        let (bytes, url, _) = self.fetch_whole(&call, max_bytes).await?;
+        digest
+            .verify(&bytes)
+            .map_err(|actual| Error::DigestMismatch {
+                url,
+                expected: digest.clone(),
+                actual,
+            })?;
+        Ok(bytes)
+    }
+
+    /// A blob body from `offset` (to `end` inclusive when given), unverified: the caller
+    /// hashes while streaming. See [`BlobStream::start`] for registries that ignore Range.
+    pub async fn blob(
+        &self,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        offset: u64,
+        end: Option<u64>,
+    ) -> Result<BlobStream, Error> {
+        let range = match (offset, end) {
+            (0, None) => None,
+            (offset, None) => Some(format!("bytes={offset}-")),
+            (offset, Some(end)) => Some(format!("bytes={offset}-{end}")),
+        };
+        let call = self.blob_call(registry, repository, digest, range);
+        let (response, url) = self.send(&call).await?;
+        let (start, total) = match response.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let (first, _, total) = response
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_content_range)
+                    .ok_or_else(|| Error::BadResponse {
+                        url: url.clone(),
+                        reason: "206 Partial Content without a valid Content-Range".to_owned(),
+                    })?;
+                if first != offset {
+                    return Err(Error::BadResponse {
+                        url,
+                        reason: format!("asked for bytes from {offset}, got bytes from {first}"),
+                    });
+                }
+                (first, total)
+            }
+            StatusCode::OK => (0, response.content_length()),
+            other => {
+                return Err(Error::BadResponse {
+                    url,
+                    reason: format!("unexpected status {other} for a blob"),
+                });
+            }
+        };
+        let timeout = self.inner.config.timeout;
+        let body = response
+            .bytes_stream()
+            .map(move |chunk| chunk.map_err(|e| errors::from_reqwest(&url, &e, timeout)));
+        Ok(BlobStream {
+            start,
+            total,
+            body: Box::pin(body),
+        })
+    }
+
+    /// `GET /v2/`: the registry is reachable, speaks v2, and accepts our credentials (or
+    /// needs none).
+    pub async fn ping(&self, registry: &str) -> Result<(), Error> {
+        let call = Call {
+            registry: registry.to_owned(),
+            host: api_host(registry).to_owned(),
+            repository: None,
+            path: "/v2/".to_owned(),
+            accept: None,
+            range: None,
+            subject: Subject::Other {
+                name: registry.to_owned(),
+            },
+        };
+        self.send(&call).await.map(drop)
+    }
+
+    fn blob_call(
+        &self,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        range: Option<String>,
+    ) -> Call {
+        Call {
+            registry: registry.to_owned(),
+            host: api_host(registry).to_owned(),
+            repository: Some(repository.to_owned()),
+            path: format!("/v2/{repository}/blobs/{digest}"),
+            accept: None,
+            range,
+            subject: Subject::Blob {
+                repository: repository.to_owned(),
+                digest: digest.clone(),
+            },
+        }
+    }
+
+    /// A whole small body; a body that breaks off is fetched again like any transient error.
+    async fn fetch_whole(
+        &self,
+        call: &Call,
+        limit: u64,
+    ) -> Result<(Bytes, String, Option<String>), Error> {
+        let mut attempt = 0;
+        loop {
+            let (response, url) = self.send(call).await?;
+            let content_type = response
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            match read_body(response, &url, limit, self.inner.config.timeout).await {
+                Ok(bytes) => return Ok((bytes, url, content_type)),
+                Err(e) if e.is_transient() && attempt < self.inner.config.max_retries => {
+                    tracing::debug!(%url, error = %e, attempt, "body broke off, retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Send `call` until it succeeds (2xx, redirects followed) or fails for good:
+    /// authenticates on 401 (once per call), retries connection errors, 429 and 5xx.
+    async fn send(&self, call: &Call) -> Result<(Response, String), Error> {
+        let scope = auth::pull_scope(call.repository.as_deref());
+        let max_retries = self.inner.config.max_retries;
+        let mut attempt = 0;
+        let mut reauthenticated = false;
+        loop {
+            let sent = self.authorization(call, scope.as_deref()).await?;
+            let (response, url) = match self.send_once(call, sent.header.clone()).await {
+                Ok(ok) => ok,
+                Err(e) if e.is_transient() && attempt < max_retries => {
+                    tracing::debug!(error = %e, attempt, "retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let status = response.status();
+            tracing::debug!(%url, %status, "registry response");
+            if status.is_success() {
+                return Ok((response, url));
+            }
+            if status == StatusCode::UNAUTHORIZED {
+                let challenges: Vec<auth::Challenge> = response
+                    .headers()
+                    .get_all(WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(auth::parse_challenges)
+                    .collect();
+                match auth::choose_scheme(&challenges) {
+                    Some(scheme) => {
+                        self.lock_challenges().insert(call.host.clone(), scheme);
+                    }
+                    None if !challenges.is_empty() => {
+                        let challenge = response
+                            .headers()
+                            .get(WWW_AUTHENTICATE)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        return Err(Error::UnsupportedAuth { url, challenge });
+                    }
+                    None => {}
+                }
+                if !reauthenticated {
+                    reauthenticated = true;
+                    if let Some(used) = &sent.bearer {
+                        self.forget_token(&call.host, scope.as_deref(), used).await;
+                    }
+                    continue;
+                }
+                let envelope = read_envelope(response).await;
+                if envelope.has_code("DENIED") {
+                    return Err(errors::from_status(&url, status, envelope, &call.subject));
+                }
+                let name = call.subject.name().to_owned();
+                return Err(match self.identity(&call.registry).await {
+                    Some(identity) => Error::AuthenticationFailed {
+                        name,
+                        identity: identity.describe(),
+                    },
+                    None => Error::AuthenticationRequired { name },
+                });
+            }
+            if let Some(delay) = self.retry_delay(status, response.headers(), attempt) {
+                tracing::debug!(%url, %status, ?delay, attempt, "retrying");
+                drop(response);
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+                continue;
+            }
+            let envelope = read_envelope(response).await;
+            return Err(errors::from_status(&url, status, envelope, &call.subject));
+        }
+    }
+
+    /// How long to wait before retrying a response of `status`, `None` for no retry.
+    fn retry_delay(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        attempt: u32,
+    ) -> Option<Duration> {
+        if !errors::is_transient_status(status) || attempt >= self.inner.config.max_retries {
+            return None;
+        }
+        match headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after)
+        {
+            Some(wait) if wait > RETRY_AFTER_MAX => None,
+            Some(wait) => Some(wait),
+            None => Some(backoff(attempt)),
+        }
+    }
+
+    /// Send once over the host's scheme; for an unprobed loopback host, https first, then
+    /// plain http, remembering what worked.
+    async fn send_once(
+        &self,
+        call: &Call,
+        authorization: Option<HeaderValue>,
+    ) -> Result<(Response, String), Error> {
+        let known = if self.inner.config.plain_http {
+            Some(UrlScheme::Http)
+        } else if !is_loopback(&call.host) {
+            Some(UrlScheme::Https)
+        } else {
+            self.lock_schemes().get(&call.host).copied()
+        };
+        if let Some(scheme) = known {
+            let url = format!("{}://{}{}", scheme.as_str(), call.host, call.path);
+            return self
+                .request(&url, call, authorization)
+                .await
+                .map(|r| (r, url));
+        }
+
+        let https = format!("https://{}{}", call.host, call.path);
+        let https_error = match self.request(&https, call, authorization.clone()).await {
+            Ok(response) => {
+                self.lock_schemes()
+                    .insert(call.host.clone(), UrlScheme::Https);
+                return Ok((response, https));
+            }
+            // A certificate error (its own variant) means the host does speak TLS: plain
+            // http would not help.
+            Err(Error::Transport { cause, .. }) => cause,
+            Err(e) => return Err(e),
+        };
+        let http = format!("http://{}{}", call.host, call.path);
+        match self.request(&http, call, authorization).await {
+            Ok(response) => {
+                tracing::debug!(host = %call.host, "loopback registry speaks plain http");
+                self.lock_schemes()
+                    .insert(call.host.clone(), UrlScheme::Http);
+                Ok((response, http))
+            }
+            Err(Error::Transport { cause, .. }) => Err(Error::Transport {
+                url: https,
+                cause: if cause == https_error {
+                    format!("{cause} (over https and plain http)")
+                } else {
+                    format!("{https_error} (plain http: {cause})")
+                },
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn request(
+        &self,
+        url: &str,
+        call: &Call,
+        authorization: Option<HeaderValue>,
+    ) -> Result<Response, Error> {
+        let mut request = self.inner.http.get(url);
+        if let Some(accept) = &call.accept {
+            request = request.header(ACCEPT, accept.clone());
+        }
+        if let Some(range) = &call.range {
+            request = request.header(RANGE, range.as_str());
+        }
+        if let Some(authorization) = authorization {
+            request = request.header(AUTHORIZATION, authorization);
+        }
+        request
+            .send()
+            .await
+            .map_err(|e| errors::from_reqwest(url, &e, self.inner.config.timeout))
+    }
+
+    /// The Authorization header for `call`, from what its host asked for last time.
+    async fn authorization(&self, call: &Call, scope: Option<&str>) -> Result<Sent, Error> {
+        let scheme = self.lock_challenges().get(&call.host).cloned();
+        match scheme {
+            None => Ok(Sent {
+                header: None,
+                bearer: None,
+            }),
+            Some(Scheme::Basic) => match self.identity(&call.registry).await {
+                Some(Identity::Password(c)) => Ok(Sent {
+                    header: Some(basic_header(&c.username, &c.password)),
+                    bearer: None,
+                }),
+                _ => Err(Error::AuthenticationRequired {
+                    name: call.subject.name().to_owned(),
+                }),
+            },
+            Some(Scheme::Bearer { realm, service }) => {
+                let token = self.token(call, &realm, service.as_deref(), scope).await?;
+                let mut header = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                    .map_err(|_| Error::Token {
+                        url: realm.clone(),
+                        reason: "the token is not a valid header value".to_owned(),
+                    })?;
+                header.set_sensitive(true);
+                Ok(Sent {
+                    header: Some(header),
+                    bearer: Some(token),
+                })
+            }
+        }
+    }
+
+    fn token_slot(&self, host: &str, scope: Option<&str>) -> TokenSlot {
+        let key = (host.to_owned(), scope.unwrap_or_default().to_owned());
+        self.inner
+            .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default()
+            .clone()
+    }
+
+    /// A fresh token for (host, scope): the cached one, or one from the realm.
+    async fn token(
+        &self,
+        call: &Call,
+        realm: &str,
+        service: Option<&str>,
+        scope: Option<&str>,
+    ) -> Result<Secret, Error> {
+        let slot = self.token_slot(&call.host, scope);
+        let mut cached = slot.lock().await;
+        if let Some(token) = cached.as_ref().filter(|t| t.is_fresh(Instant::now())) {
+            return Ok(token.value.clone());
+        }
+        let token = self.fetch_token(call, realm, service, scope).await?;
+        let value = token.value.clone();
+        *cached = Some(token);
+        Ok(value)
+    }
+
+    /// Drop the cached token for (host, scope) if it is still `used` (another request may
+    /// have replaced it already).
+    async fn forget_token(&self, host: &str, scope: Option<&str>, used: &Secret) {
+        let slot = self.token_slot(host, scope);
+        let mut cached = slot.lock().await;
+        if cached.as_ref().is_some_and(|t| t.value == *used) {
+            *cached = None;
+        }
+    }
+
+    /// Ask the realm for a token (see `auth` for the protocol).
+    async fn fetch_token(
+        &self,
+        call: &Call,
+        realm: &str,
+        service: Option<&str>,
+        scope: Option<&str>,
+    ) -> Result<Token, Error> {
+        let mut url = url::Url::parse(realm).map_err(|e| Error::Url {
+            url: realm.to_owned(),
+            reason: format!("token realm from the registry's challenge: {e}"),
+        })?;
+        if !matches!(url.scheme(), "https" | "http") {
+            return Err(Error::Url {
+                url: realm.to_owned(),
+                reason: "token realm is not an http(s) URL".to_owned(),
+            });
+        }
+        let identity = self.identity(&call.registry).await;
+        let refresh_token = match &identity {
+            Some(Identity::RefreshToken(token)) => Some(token.clone()),
+            _ => None,
+        };
+        if refresh_token.is_none() && (service.is_some() || scope.is_some()) {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = service {
+                query.append_pair("service", service);
+            }
+            if let Some(scope) = scope {
+                query.append_pair("scope", scope);
+            }
+        }
+        let shown = url.to_string();
+        let max_retries = self.inner.config.max_retries;
+        let timeout = self.inner.config.timeout;
+        let mut attempt = 0;
+        let response = loop {
+            let request = match &refresh_token {
+                Some(refresh) => {
+                    let mut form = vec![
+                        ("grant_type", "refresh_token"),
+                        ("refresh_token", refresh.expose()),
+                        ("client_id", OAUTH_CLIENT_ID),
+                    ];
+                    if let Some(service) = service {
+                        form.push(("service", service));
+                    }
+                    if let Some(scope) = scope {
+                        form.push(("scope", scope));
+                    }
+                    self.inner.http.post(url.clone()).form(&form)
+                }
+                None => {
+                    let request = self.inner.http.get(url.clone());
+                    match &identity {
+                        Some(Identity::Password(c)) => {
+                            request.header(AUTHORIZATION, basic_header(&c.username, &c.password))
+                        }
+                        _ => request,
+                    }
+                }
+            };
+            match request.send().await {
+                Ok(response) => {
+                    match self.retry_delay(response.status(), response.headers(), attempt) {
+                        Some(delay) => {
+                            tokio::time::sleep(delay).await;
+                            attempt += 1;
+                        }
+                        None => break response,
+                    }
+                }
+                Err(e) => {
+                    let e = errors::from_reqwest(&shown, &e, timeout);
+                    if !e.is_transient() || attempt >= max_retries {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                    attempt += 1;
+                }
+            }
+        };
+        let status = response.status();
+        tracing::debug!(url = %shown, %status, "token response");
+        let name = call.subject.name().to_owned();
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(match identity {
+                Some(identity) => Error::AuthenticationFailed {
+                    name,
+                    identity: identity.describe(),
+                },
+                None => Error::AuthenticationRequired { name },
+            });
+        }
+        if !status.is_success() {
+            let envelope = read_envelope(response).await;
+            let subject = Subject::Other { name };
+            return Err(errors::from_status(&shown, status, envelope, &subject));
+        }
+        let body = read_body(response, &shown, SMALL_BODY_MAX, timeout).await?;
+        let received = Instant::now();
+        TokenResponse::parse(&body)
+            .and_then(|r| r.into_token(received))
+            .map_err(|reason| Error::Token { url: shown, reason })
+    }
+
+    /// Who we are at `registry`: the explicit credentials, else the docker config's.
+    async fn identity(&self, registry: &str) -> Option<Identity> {
+        let config = &self.inner.config;
+        if let Some(credentials) = &config.credentials {
+            return Some(Identity::Password(credentials.clone()));
+        }
+        if !config.use_docker_config {
+            return None;
+        }
+        if let Some(known) = self.lock_identities().get(registry) {
+            return known.clone();
+        }
+        let path = config
+            .docker_config
+            .clone()
+            .or_else(credentials::default_docker_config)?;
+        let key = registry.to_owned();
+        let looked_up =
+            tokio::task::spawn_blocking(move || credentials::from_docker_config(&path, &key)).await;
+        let identity = match looked_up {
+            Ok(Ok(identity)) => identity,
+            Ok(Err(e)) => {
+                // Anonymous access may still work; if not, the auth error says what to do.
+                tracing::warn!("{e}; continuing without credentials");
+                None
+            }
+            Err(e) => {
+                tracing::warn!("docker credential lookup for {registry} failed: {e}");
+                None
+            }
+        };
+        self.lock_identities()
+            .insert(registry.to_owned(), identity.clone());
+        identity
+    }
+
+    fn lock_schemes(&self) -> std::sync::MutexGuard<'_, HashMap<String, UrlScheme>> {
+        self.inner.schemes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_challenges(&self) -> std::sync::MutexGuard<'_, HashMap<String, Scheme>> {
+        self.inner
+            .challenges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_identities(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Identity>>> {
+        self.inner
+            .identities
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn basic_header(username: &str, password: &Secret) -> HeaderValue {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD
+        .encode(format!("{username}:{}", password.expose()));
+    let mut header =
+        HeaderValue::from_str(&format!("Basic {encoded}")).expect("base64 is a valid header");
+    header.set_sensitive(true);
+    header
+}
+
+/// Exponential backoff: 100 ms, 200 ms, 400 ms, … capped at 5 s.
+fn backoff(attempt: u32) -> Duration {
+    BACKOFF_FIRST
+        .saturating_mul(1 << attempt.min(16))
+        .min(BACKOFF_MAX)
+}
+
+/// `Retry-After` in seconds (RFC 9110 §10.2.3); the HTTP-date form is not used by
+/// registries in practice and falls back to our own backoff.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// `bytes FIRST-LAST/TOTAL` (TOTAL may be `*`) → (first, last, total).
+fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = value.trim().strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (first, last) = range.trim().split_once('-')?;
+    let (first, last) = (first.parse::<u64>().ok()?, last.parse::<u64>().ok()?);
+    if last < first {
+        return None;
+    }
+    let total = match total.trim() {
+        "*" => None,
+        t => {
+            let t = t.parse::<u64>().ok()?;
+            if last >= t {
+                return None;
+            }
+            Some(t)
+        }
+    };
+    Some((first, last, total))
+}
+
+/// Read a whole body, at most `limit` bytes.
+async fn read_body(
+    mut response: Response,
+    url: &str,
+    limit: u64,
+    timeout: Duration,
+) -> Result<Bytes, Error> {
+    let too_large = || Error::TooLarge {
+        url: url.to_owned(),
+        limit,
+    };
+    if response.content_length().is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| errors::from_reqwest(url, &e, timeout))?
+    {
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// The error envelope of a failed response; empty if the body is not one or cannot be read.
+async fn read_envelope(response: Response) -> ErrorEnvelope {
+    let url = response.url().to_string();
+    match read_body(response, &url, SMALL_BODY_MAX, Duration::ZERO).await {
+        Ok(body) => ErrorEnvelope::parse(&body),
+        Err(_) => ErrorEnvelope::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        let cases = [
+            ("localhost", true),
+            ("localhost:5000", true),
+            ("LOCALHOST:5000", true),
+            ("127.0.0.1", true),
+            ("127.0.0.1:5000", true),
+            ("127.1.2.3:80", true),
+            ("[::1]", true),
+            ("[::1]:5000", true),
+            ("[::2]:5000", false),
+            ("::1", false),
+            ("128.0.0.1:5000", false),
+            ("10.0.0.1:5000", false),
+            ("localhost.example.com", false),
+            ("mylocalhost:5000", false),
+            ("registry-1.docker.io", false),
+            ("127.0.0.1.nip.io", false),
+            ("[::1", false),
+        ];
+        for (host, want) in cases {
+            assert_eq!(is_loopback(host), want, "{host}");
+        }
+    }
+
+    #[test]
+    fn api_hosts() {
+        let cases = [
+            ("docker.io", "registry-1.docker.io"),
+            ("index.docker.io", "registry-1.docker.io"),
+            ("ghcr.io", "ghcr.io"),
+            ("127.0.0.1:5000", "127.0.0.1:5000"),
+        ];
+        for (registry, want) in cases {
+            assert_eq!(api_host(registry), want, "{registry}");
+        }
+    }
+
+    #[test]
+    fn content_ranges() {
+        let cases = [
+            ("bytes 0-99/100", Some((0, 99, Some(100)))),
+            ("bytes 10-19/*", Some((10, 19, None))),
+            (" bytes  5-5/6 ", Some((5, 5, Some(6)))),
+            ("bytes 10-9/100", None),
+            ("bytes 0-100/100", None),
+            ("bytes */100", None),
+            ("items 0-1/2", None),
+            ("bytes 0-1", None),
+            ("", None),
+        ];
+        for (value, want) in cases {
+            assert_eq!(parse_content_range(value), want, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_and_backoff() {
+        let cases = [
+            ("1", Some(Duration::from_secs(1))),
+            (" 30 ", Some(Duration::from_secs(30))),
+            ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+            ("-1", None),
+            ("", None),
+        ];
+        for (value, want) in cases {
+            assert_eq!(parse_retry_after(value), want, "{value:?}");
+        }
+        let ms = Duration::from_millis;
+        let backoffs: Vec<Duration> = (0..8).map(backoff).collect();
+        assert_eq!(
+            backoffs,
+            [
+                ms(100),
+                ms(200),
+                ms(400),
+                ms(800),
+                ms(1600),
+                ms(3200),
+                ms(5000),
+                ms(5000)
+            ]
+        );
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let config = ClientConfig {
+            credentials: Some(super::super::Credentials::new("bob", "pa55-w0rd-xyz")),
+            ..ClientConfig::default()
+        };
+        let client = Client::new(config.clone()).unwrap();
+        for shown in [
+            format!("{config:?}"),
+            format!("{client:?}"),
+            format!("{client:#?}"),
+            format!("{:?}", basic_header("bob", &Secret::new("pa55-w0rd-xyz"))),
+        ] {
+            assert!(!shown.contains("pa55-w0rd-xyz"), "{shown}");
+            assert!(!shown.contains("Ym9iOnBhNTUtdzByZC14eXo"), "{shown}");
+        }
+    }
+}
