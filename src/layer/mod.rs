@@ -3,6 +3,7 @@
 //! async.
 
 pub mod decompress;
+pub mod estargz;
 pub mod index;
 pub mod tar;
 
