@@ -201,7 +201,15 @@ impl Client {
                 reference: reference.to_owned(),
             },
         };
-        let (bytes, url, content_type) = self.fetch_whole(&call, MANIFEST_MAX).await?;
+        let (bytes, url, content_type) = match self.fetch_whole(&call, MANIFEST_MAX).await {
+            Ok(v) => v,
+            Err(Error::TagNotFound { repository, tag }) => {
+                return Err(self
+                    .tag_or_repository_missing(registry, repository, tag)
+                    .await);
+            }
+            Err(e) => return Err(e),
+        };
         if let Ok(expected) = reference.parse::<Digest>() {
             expected
                 .verify(&bytes)
@@ -216,6 +224,31 @@ impl Client {
             bytes,
             content_type,
         })
+    }
+
+    /// Distribution answers MANIFEST_UNKNOWN for a tag of a repository that does not exist;
+    /// the tag list tells the two apart (NAME_UNKNOWN), so the user learns which name is wrong.
+    async fn tag_or_repository_missing(
+        &self,
+        registry: &str,
+        repository: String,
+        tag: String,
+    ) -> Error {
+        let call = Call {
+            registry: registry.to_owned(),
+            host: api_host(registry).to_owned(),
+            repository: Some(repository.clone()),
+            path: format!("/v2/{repository}/tags/list?n=1"),
+            accept: None,
+            range: None,
+            subject: Subject::Other {
+                name: repository.clone(),
+            },
+        };
+        match self.fetch_whole(&call, 1 << 20).await {
+            Err(e @ Error::RepositoryNotFound { .. }) => e,
+            _ => Error::TagNotFound { repository, tag },
+        }
     }
 
     /// A small blob (a config), whole, at most `max_bytes`, verified against `digest`.
