@@ -59,19 +59,27 @@ pub struct UmountArgs {
     pub mountpoint: PathBuf,
 }
 
-pub fn run(g: &GlobalOpts, args: MountArgs) -> anyhow::Result<ExitCode> {
+pub fn run(g: &GlobalOpts, mut args: MountArgs) -> anyhow::Result<ExitCode> {
     let mp = &args.mountpoint;
     let meta = std::fs::metadata(mp).with_context(|| format!("mount point {}", mp.display()))?;
     if !meta.is_dir() {
         bail!("mount point {} is not a directory", mp.display());
     }
-    if is_mounted(&std::path::absolute(mp)?)? {
+    // Symlinks and `..` are resolved once, before mounting: mountinfo lists the resolved path
+    // (a `link` or `mnt/../mnt` spelling would pass the check below and stack a second mount),
+    // and resolving a path through the new mount before it is served would wait on a FUSE
+    // request nobody answers yet.
+    let canonical = mp
+        .canonicalize()
+        .with_context(|| format!("mount point {}", mp.display()))?;
+    if is_mounted(&canonical)? {
         bail!(
             "{} is already a mount point: unmount it first (imagefs umount {})",
             mp.display(),
             mp.display()
         );
     }
+    args.mountpoint = canonical;
     if args.foreground || std::env::var_os(READY_ENV).is_some() {
         foreground(g, &args)
     } else {
@@ -296,7 +304,7 @@ impl Backend for ImageBackend {
 /// Unmount with `fusermount3 -u`; if the mount is busy or its daemon is gone, detach it
 /// lazily (`-z`). The daemon exits when its session ends.
 pub fn umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
-    let mp = std::path::absolute(&args.mountpoint)?;
+    let mp = resolve_mountpoint(&args.mountpoint)?;
     if !is_mounted(&mp)? {
         bail!("{} is not mounted", mp.display());
     }
@@ -326,11 +334,94 @@ pub fn umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
     )
 }
 
-/// Whether `mp` is a mount point, from /proc/self/mountinfo (field 5; spaces are `\040`).
+/// The path mountinfo shows for `p`: symlinks and `..` resolved. A mount whose daemon died
+/// cannot be resolved itself (ENOTCONN), so then only its parent is.
+fn resolve_mountpoint(p: &Path) -> anyhow::Result<PathBuf> {
+    if let Ok(c) = p.canonicalize() {
+        return Ok(c);
+    }
+    let abs = std::path::absolute(p)?;
+    Ok(match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => match parent.canonicalize() {
+            Ok(parent) => parent.join(name),
+            Err(_) => abs,
+        },
+        _ => abs,
+    })
+}
+
+/// Whether `mp` is a mount point, from /proc/self/mountinfo (field 5, where the kernel writes
+/// space, tab, newline and backslash as octal escapes like `\040`).
 pub fn is_mounted(mp: &Path) -> anyhow::Result<bool> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let want = mp.to_string_lossy().replace(' ', "\\040");
-    Ok(info
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str())))
+    use std::os::unix::ffi::OsStrExt;
+    let info = std::fs::read("/proc/self/mountinfo")?;
+    let want = mp.as_os_str().as_bytes();
+    Ok(info.split(|&b| b == b'\n').any(|l| {
+        l.split(|&b| b == b' ')
+            .nth(4)
+            .map(unescape_mountinfo)
+            .as_deref()
+            == Some(want)
+    }))
+}
+
+fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let octal = field
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) if field[i] == b'\\' => {
+                out.push((d[0] - b'0') << 6 | (d[1] - b'0') << 3 | (d[2] - b'0'));
+                i += 4;
+            }
+            _ => {
+                out.push(field[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        let cases: [(&[u8], &[u8]); 5] = [
+            (b"/mnt/plain", b"/mnt/plain"),
+            (b"/mnt/with\\040space", b"/mnt/with space"),
+            (b"/a\\011tab\\012nl\\134bs", b"/a\ttab\nnl\\bs"),
+            (b"/trailing\\04", b"/trailing\\04"),
+            (b"/not\\0x1octal", b"/not\\0x1octal"),
+        ];
+        for (field, want) in cases {
+            assert_eq!(unescape_mountinfo(field), want, "{}", field.escape_ascii());
+        }
+    }
+
+    #[test]
+    fn mount_points_resolve_through_symlinks_and_dot_dot() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap().join("mnt");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        for p in ["mnt", "link", "mnt/../mnt", "link/."] {
+            assert_eq!(
+                resolve_mountpoint(&dir.path().join(p)).unwrap(),
+                real,
+                "{p}"
+            );
+        }
+        // A path that cannot be resolved (like a dead FUSE mount) keeps its last component.
+        let gone = dir.path().join("link/../missing");
+        assert_eq!(
+            resolve_mountpoint(&gone).unwrap(),
+            real.parent().unwrap().join("missing")
+        );
+    }
 }

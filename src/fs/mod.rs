@@ -187,8 +187,10 @@ pub fn mount(
     config.n_threads = Some(opts.threads.max(1));
     // One /dev/fuse fd per worker thread: no contention on a single fd's request queue.
     config.clone_fd = true;
-    let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(mount_err)?;
+    // Resolve the path before mounting: once the mount is live but not yet served, a lookup
+    // that passes through it would wait on ourselves.
     let mountpoint = mountpoint.canonicalize().map_err(mount_err)?;
+    let mut session = fuser::Session::new(fs, &mountpoint, &config).map_err(mount_err)?;
     let unmounter = Unmounter {
         inner: Arc::new(Mutex::new(session.unmount_callable())),
         mountpoint: mountpoint.clone(),

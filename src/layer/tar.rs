@@ -95,6 +95,7 @@ pub fn index_layer<R: Read>(reader: R, data_dir: Option<&Path>) -> Result<LayerI
             nsec: 0,
         };
 
+        let mut sparse = PaxSparse::default();
         if let Some(pax) = te
             .pax_extensions()
             .map_err(|source| TarError::Read { source })?
@@ -111,8 +112,19 @@ pub fn index_layer<R: Read>(reader: R, data_dir: Option<&Path>) -> Result<LayerI
                         name: name.to_vec(),
                         value: ext.value_bytes().to_vec(),
                     });
+                } else if let Some(key) = key.strip_prefix(b"GNU.sparse.") {
+                    sparse.record(key, ext.value_bytes());
                 }
             }
+        }
+        let sparse = match kind {
+            EntryKind::File => sparse.layout().map_err(&bad)?,
+            _ => None,
+        };
+        if let Some(s) = &sparse
+            && let Some(name) = &s.name
+        {
+            entry.path = clean_path(name);
         }
 
         match kind {
@@ -140,14 +152,20 @@ pub fn index_layer<R: Read>(reader: R, data_dir: Option<&Path>) -> Result<LayerI
                 let size = match data_dir {
                     Some(dir) => {
                         let file_path = data_path(dir, DataRef { id });
-                        let n = write_file(&mut te, &file_path)?;
+                        let n = match sparse {
+                            Some(s) => write_sparse(&mut te, Some(&file_path), &s, &bad)?,
+                            None => write_file(&mut te, &file_path)?,
+                        };
                         if n == 0 {
                             let _ = std::fs::remove_file(&file_path);
                         }
                         n
                     }
-                    None => io::copy(&mut te, &mut io::sink())
-                        .map_err(|source| TarError::Read { source })?,
+                    None => match sparse {
+                        Some(s) => write_sparse(&mut te, None, &s, &bad)?,
+                        None => io::copy(&mut te, &mut io::sink())
+                            .map_err(|source| TarError::Read { source })?,
+                    },
                 };
                 entry.size = size;
                 if size > 0 {
@@ -219,6 +237,210 @@ fn write_file(reader: &mut impl Read, path: &Path) -> Result<u64, TarError> {
         file.set_len(total).map_err(werr)?;
     }
     Ok(total)
+}
+
+/// GNU tar's sparse files in PAX archives (`tar --sparse --format=pax`), which the `tar`
+/// crate does not expand (it only knows the old GNU `S` type). GNU tar's manual, "Storing
+/// Sparse Files", and Go's `archive/tar` (which umoci uses) define three versions:
+///
+/// - 0.0: repeated `GNU.sparse.offset` / `GNU.sparse.numbytes` records, in order;
+/// - 0.1: one `GNU.sparse.map` record, `offset,numbytes,offset,numbytes,…`;
+/// - 1.0 (`GNU.sparse.major=1`, `GNU.sparse.minor=0`): the map is at the start of the entry's
+///   data, decimal numbers one per line — the count, then offset/numbytes pairs — padded with
+///   NULs to a 512-byte block.
+///
+/// In all three the entry's data holds the segments' bytes back to back (after the map for
+/// 1.0); everything else reads as zeros. The real name is `GNU.sparse.name` (the header holds
+/// `GNUSparseFile.N/…`), the real size `GNU.sparse.size` (0.x) or `GNU.sparse.realsize` (1.0).
+#[derive(Default)]
+struct PaxSparse {
+    major: Option<Vec<u8>>,
+    minor: Option<Vec<u8>>,
+    name: Option<Vec<u8>>,
+    size: Option<Vec<u8>>,
+    realsize: Option<Vec<u8>>,
+    map: Option<Vec<u8>>,
+    /// 0.0's offset/numbytes records in archive order.
+    pairs: Vec<Vec<u8>>,
+}
+
+/// A sparse file's layout, from [`PaxSparse::layout`].
+struct SparseLayout {
+    name: Option<Vec<u8>>,
+    real_size: u64,
+    /// `None`: the map is at the start of the data (1.0).
+    map: Option<Vec<(u64, u64)>>,
+}
+
+impl PaxSparse {
+    fn record(&mut self, key: &[u8], value: &[u8]) {
+        let v = Some(value.to_vec());
+        match key {
+            b"major" => self.major = v,
+            b"minor" => self.minor = v,
+            b"name" => self.name = v,
+            b"size" => self.size = v,
+            b"realsize" => self.realsize = v,
+            b"map" => self.map = v,
+            b"offset" | b"numbytes" => self.pairs.push(value.to_vec()),
+            _ => {}
+        }
+    }
+
+    /// Which format this is (as Go's `readGNUSparsePAXHeaders` decides), `None` if none.
+    fn layout(self) -> Result<Option<SparseLayout>, String> {
+        let in_data = match (self.major.as_deref(), self.minor.as_deref()) {
+            (Some(b"1"), Some(b"0")) => true,
+            (Some(b"0"), Some(b"0" | b"1")) => false,
+            // An unknown version: like Go, treat the entry as a plain file.
+            (Some(_), _) | (_, Some(_)) => return Ok(None),
+            (None, None) if self.map.is_some() || !self.pairs.is_empty() => false,
+            (None, None) => return Ok(None),
+        };
+        let size = self
+            .size
+            .or(self.realsize)
+            .ok_or("no GNU.sparse.size or GNU.sparse.realsize record")?;
+        let real_size = decimal(&size).ok_or("GNU.sparse size is not a number")?;
+        let map = if in_data {
+            None
+        } else {
+            let numbers: Vec<Vec<u8>> = match &self.map {
+                Some(m) if !m.is_empty() => m.split(|&b| b == b',').map(<[u8]>::to_vec).collect(),
+                Some(_) => Vec::new(),
+                None => self.pairs,
+            };
+            Some(pairs(&numbers)?)
+        };
+        Ok(Some(SparseLayout {
+            name: self.name,
+            real_size,
+            map,
+        }))
+    }
+}
+
+fn decimal(v: &[u8]) -> Option<u64> {
+    std::str::from_utf8(v).ok()?.trim().parse().ok()
+}
+
+/// `[offset, numbytes, …]` as pairs, each checked to follow the previous one.
+fn pairs(numbers: &[Vec<u8>]) -> Result<Vec<(u64, u64)>, String> {
+    if !numbers.len().is_multiple_of(2) {
+        return Err("the sparse map has an odd count of numbers".into());
+    }
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(numbers.len() / 2);
+    for pair in numbers.chunks(2) {
+        let (Some(off), Some(len)) = (decimal(&pair[0]), decimal(&pair[1])) else {
+            return Err("the sparse map holds something other than numbers".into());
+        };
+        off.checked_add(len).ok_or("a sparse segment overflows")?;
+        if out.last().is_some_and(|&(o, l)| o + l > off) {
+            return Err("sparse segments overlap or are out of order".into());
+        }
+        out.push((off, len));
+    }
+    Ok(out)
+}
+
+/// Reads a 1.0 sparse map from the start of the data: whole 512-byte blocks until the count
+/// and that many pairs were read.
+fn read_map_1x0(reader: &mut impl Read) -> Result<Result<Vec<(u64, u64)>, String>, TarError> {
+    // A count above this is a corrupt header, not a file: each pair costs at least 4 bytes.
+    const MAX_SEGMENTS: usize = 1 << 20;
+    let mut text = Vec::new();
+    let mut block = [0u8; 512];
+    loop {
+        let n = read_full(reader, &mut block).map_err(|source| TarError::Read { source })?;
+        if n != block.len() {
+            return Ok(Err("the sparse map is truncated".into()));
+        }
+        text.extend_from_slice(&block);
+        let lines: Vec<&[u8]> = text.split(|&b| b == b'\n').collect();
+        // The last piece is unterminated; only complete lines count.
+        let complete = &lines[..lines.len() - 1];
+        let Some(count) = complete.first() else {
+            continue;
+        };
+        let Some(count) = decimal(count).map(|c| c as usize) else {
+            return Ok(Err("the sparse map count is not a number".into()));
+        };
+        if count > MAX_SEGMENTS {
+            return Ok(Err(format!("the sparse map claims {count} segments")));
+        }
+        if complete.len() > 2 * count {
+            let numbers: Vec<Vec<u8>> =
+                complete[1..=2 * count].iter().map(|l| l.to_vec()).collect();
+            return Ok(pairs(&numbers));
+        }
+        if text.len() > 64 * MAX_SEGMENTS {
+            return Ok(Err("the sparse map is too long".into()));
+        }
+    }
+}
+
+/// Expands a PAX sparse entry into `path` (or only reads it through, for indexing without
+/// extraction). Returns the real size.
+fn write_sparse(
+    reader: &mut impl Read,
+    path: Option<&Path>,
+    layout: &SparseLayout,
+    bad: &dyn Fn(String) -> TarError,
+) -> Result<u64, TarError> {
+    let map = match &layout.map {
+        Some(m) => m.clone(),
+        None => read_map_1x0(reader)?.map_err(bad)?,
+    };
+    if let Some(&(off, len)) = map.last()
+        && off + len > layout.real_size
+    {
+        return Err(bad(format!(
+            "a segment ends at {} beyond the real size {}",
+            off + len,
+            layout.real_size
+        )));
+    }
+    let mut file = match path {
+        Some(p) => Some(
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p)
+                .map_err(|source| TarError::Write {
+                    path: p.to_owned(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    for (off, len) in map {
+        let mut seg = (&mut *reader).take(len);
+        let copied = match (&mut file, path) {
+            (Some(f), Some(p)) => {
+                let werr = |source| TarError::Write {
+                    path: p.to_owned(),
+                    source,
+                };
+                f.seek(SeekFrom::Start(off)).map_err(werr)?;
+                io::copy(&mut seg, f).map_err(|source| TarError::Read { source })?
+            }
+            _ => io::copy(&mut seg, &mut io::sink()).map_err(|source| TarError::Read { source })?,
+        };
+        if copied != len {
+            return Err(bad(format!(
+                "the data ends inside the segment at {off} ({copied} of {len} bytes)"
+            )));
+        }
+    }
+    if let (Some(f), Some(p)) = (&file, path) {
+        f.set_len(layout.real_size)
+            .map_err(|source| TarError::Write {
+                path: p.to_owned(),
+                source,
+            })?;
+    }
+    // Anything after the segments (there should be nothing) is skipped by the tar reader.
+    Ok(layout.real_size)
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
@@ -460,6 +682,134 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let blocks = std::fs::metadata(&p).unwrap().blocks();
         assert!(blocks * 512 < 1 << 20, "{blocks} blocks: not sparse");
+    }
+
+    #[test]
+    fn pax_sparse_files_are_expanded() {
+        let real: u64 = (1 << 20) + 3;
+        let mut want = vec![0u8; real as usize];
+        want[4096..4099].copy_from_slice(b"abc");
+        want[1 << 20..].copy_from_slice(b"xyz");
+        let mut map_1x0 = b"2\n4096\n3\n1048576\n3\n".to_vec();
+        map_1x0.resize(512, 0);
+        map_1x0.extend_from_slice(b"abcxyz");
+        let real_s = real.to_string();
+        type Case<'a> = (&'a str, Vec<(&'a str, &'a [u8])>, &'a [u8]);
+        let cases: Vec<Case> = vec![
+            (
+                "1.0",
+                vec![
+                    ("GNU.sparse.major", b"1"),
+                    ("GNU.sparse.minor", b"0"),
+                    ("GNU.sparse.name", b"./dir/sparse"),
+                    ("GNU.sparse.realsize", real_s.as_bytes()),
+                ],
+                &map_1x0,
+            ),
+            (
+                "0.1",
+                vec![
+                    ("GNU.sparse.major", b"0"),
+                    ("GNU.sparse.minor", b"1"),
+                    ("GNU.sparse.name", b"dir/sparse"),
+                    ("GNU.sparse.size", real_s.as_bytes()),
+                    ("GNU.sparse.map", b"4096,3,1048576,3"),
+                ],
+                b"abcxyz",
+            ),
+            (
+                "0.0",
+                vec![
+                    ("GNU.sparse.size", real_s.as_bytes()),
+                    ("GNU.sparse.name", b"dir/sparse"),
+                    ("GNU.sparse.offset", b"4096"),
+                    ("GNU.sparse.numbytes", b"3"),
+                    ("GNU.sparse.offset", b"1048576"),
+                    ("GNU.sparse.numbytes", b"3"),
+                ],
+                b"abcxyz",
+            ),
+        ];
+        for (version, records, data) in cases {
+            let tarball = build(|b| {
+                b.append_pax_extensions(records.iter().copied()).unwrap();
+                let mut h = header(EntryType::Regular, data.len() as u64, 0o640);
+                b.append_data(&mut h, "GNUSparseFile.0/sparse", data)
+                    .unwrap();
+                b.append_data(
+                    &mut header(EntryType::Regular, 2, 0o644),
+                    "after",
+                    &b"ok"[..],
+                )
+                .unwrap();
+            });
+            let dir = tempfile::tempdir().unwrap();
+            let idx = index_layer(&tarball[..], Some(dir.path())).unwrap();
+            let e = &idx.entries[0];
+            assert_eq!(e.path, b"dir/sparse", "{version}");
+            assert_eq!((e.size, e.mode), (real, 0o640), "{version}");
+            let got = std::fs::read(data_path(dir.path(), e.data.unwrap())).unwrap();
+            assert!(got == want, "{version}: content differs");
+            let after = &idx.entries[1];
+            assert_eq!(after.path, b"after", "{version}");
+            let got = std::fs::read(data_path(dir.path(), after.data.unwrap())).unwrap();
+            assert_eq!(got, b"ok", "{version}");
+            // Indexing without extraction agrees.
+            let idx2 = index_layer(&tarball[..], None).unwrap();
+            assert_eq!(idx2.entries[0].size, real, "{version}");
+            assert_eq!(idx2.entries[0].path, b"dir/sparse", "{version}");
+        }
+    }
+
+    #[test]
+    fn malformed_pax_sparse_maps_are_errors() {
+        type Case<'a> = (Vec<(&'a str, &'a [u8])>, &'a [u8], &'a str);
+        let cases: Vec<Case> = vec![
+            (
+                vec![("GNU.sparse.size", b"10"), ("GNU.sparse.map", b"0,3,1")],
+                b"abc",
+                "odd count",
+            ),
+            (
+                vec![("GNU.sparse.size", b"10"), ("GNU.sparse.map", b"4,3,0,3")],
+                b"abcxyz",
+                "out of order",
+            ),
+            (
+                vec![("GNU.sparse.size", b"10"), ("GNU.sparse.map", b"0,3,2,3")],
+                b"abcxyz",
+                "overlap",
+            ),
+            (
+                vec![("GNU.sparse.size", b"4"), ("GNU.sparse.map", b"2,3")],
+                b"abc",
+                "beyond the real size",
+            ),
+            (
+                vec![("GNU.sparse.size", b"100"), ("GNU.sparse.map", b"0,30")],
+                b"abc",
+                "data ends inside",
+            ),
+            (
+                vec![
+                    ("GNU.sparse.major", b"1"),
+                    ("GNU.sparse.minor", b"0"),
+                    ("GNU.sparse.realsize", b"10"),
+                ],
+                b"1\n0\n",
+                "truncated",
+            ),
+        ];
+        for (records, data, want) in cases {
+            let tarball = build(|b| {
+                b.append_pax_extensions(records.iter().copied()).unwrap();
+                let mut h = header(EntryType::Regular, data.len() as u64, 0o644);
+                b.append_data(&mut h, "s", data).unwrap();
+            });
+            let dir = tempfile::tempdir().unwrap();
+            let err = index_layer(&tarball[..], Some(dir.path())).unwrap_err();
+            assert!(err.to_string().contains(want), "{want}: {err}");
+        }
     }
 
     #[test]

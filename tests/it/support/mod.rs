@@ -26,3 +26,7 @@ pub use push::{block_on, fixture_path, fixtures_dir, skopeo_copy_fixture, skopeo
 pub use registry::{AccessLine, Auth, Registry};
 pub use token::{TOKEN_PASS, TOKEN_USER, TokenIssuer, TokenRequest};
 pub mod adversary;
+pub mod mounts;
+pub mod oracle;
+pub mod sparse;
+pub mod tree;
