@@ -157,7 +157,7 @@ pub async fn resolve(ctx: &Context, reference: &Reference) -> anyhow::Result<Res
     };
     let (top_digest, top_bytes, top_type) = match local_top {
         Some(d) => {
-            let bytes = ctx.store.read_blob(&d)?;
+            let bytes = read_document(ctx, &d)?;
             (d, bytes, None)
         }
         None => {
@@ -224,6 +224,18 @@ pub async fn resolve(ctx: &Context, reference: &Reference) -> anyhow::Result<Res
     })
 }
 
+/// A cached manifest or config; a digest naming something large (a layer blob) is refused
+/// before it is read into memory.
+fn read_document(ctx: &Context, digest: &Digest) -> anyhow::Result<Vec<u8>> {
+    let len = std::fs::metadata(ctx.store.blob_path(digest))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    if len > MAX_DOCUMENT {
+        bail!("{digest} is a {len}-byte blob, not a manifest or config");
+    }
+    Ok(ctx.store.read_blob(digest)?)
+}
+
 /// A manifest or config by digest: from the cache, else from the registry (verified, then
 /// stored).
 async fn fetch_document(
@@ -233,7 +245,7 @@ async fn fetch_document(
     what: &str,
 ) -> anyhow::Result<(Vec<u8>, Option<String>)> {
     if ctx.store.has_blob(digest) {
-        return Ok((ctx.store.read_blob(digest)?, None));
+        return Ok((read_document(ctx, digest)?, None));
     }
     if ctx.offline {
         bail!(

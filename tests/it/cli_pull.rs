@@ -905,7 +905,10 @@ fn invalid_references_are_quoted_in_the_error() {
     let cases = [
         (format!("127.0.0.1:{port}/Team/App:v1"), "must be lowercase"),
         (String::new(), "the image name is empty"),
-        (format!("127.0.0.1:{port}/app@sha256:abc"), ""),
+        (
+            format!("127.0.0.1:{port}/app@sha256:abc"),
+            "sha256 needs 64 lowercase hex digits",
+        ),
         ("app:-bad-tag".to_owned(), "invalid tag"),
     ];
     for (input, reason) in cases {

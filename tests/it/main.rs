@@ -1,7 +1,6 @@
 //! The one integration-test binary: drives the real `imagefs` executable against real
 //! registries (Debian's `docker-registry`) and real FUSE mounts.
 
-mod cli;
 mod cli_pull;
 mod fs_mount;
 mod harness;
