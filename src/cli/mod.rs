@@ -55,7 +55,8 @@ pub struct GlobalOpts {
     /// Read the registry password from standard input
     #[arg(long, global = true)]
     pub password_stdin: bool,
-    /// Network timeout: connect, and silence on an open connection (e.g. 30s, 2m, 500ms)
+    /// Network timeout per attempt: connect, and silence on an open connection (e.g. 30s, 2m,
+    /// 500ms); failed attempts are retried up to 4 times with backoff
     #[arg(long, global = true, default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
     /// Use only the cache; never contact a registry
