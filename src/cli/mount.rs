@@ -5,7 +5,10 @@
 //! `--foreground`, in its own session, logging to `<cache>/logs/`. The parent waits on a pipe
 //! for the word `ready` (or an error line) so that every failure before the mount is live
 //! reaches the user's terminal, and nothing is left mounted. Layers are fetched on the first
-//! access to anything but the meta files.
+//! access to anything but the meta files: whole, or — for eStargz layers, recognised by the
+//! `containerd.io/snapshot/stargz/toc.digest` annotation on their descriptor — only their
+//! footer and TOC, each file's chunks then being fetched with Range requests when read.
+//! (Unannotated eStargz layers are fetched whole: footer sniffing is not done.)
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -20,10 +23,11 @@ use super::GlobalOpts;
 use super::common::{self, Context, RegistrySource, Resolved};
 use super::progress::Reporter;
 use crate::fs::{Backend, BackendError, MetaFiles, MountOptions};
+use crate::layer::estargz::TOC_DIGEST_ANNOTATION;
 use crate::layer::index::DataRef;
 use crate::oci::Digest;
 use crate::overlay::Tree;
-use crate::store::{BlobSource, Store};
+use crate::store::{BlobSource, LazyLayer, RangeSource, SourceError, Store};
 
 /// Set in the daemon's environment: the parent waits for `ready` on the daemon's stdout.
 const READY_ENV: &str = "IMAGEFS_MOUNT_NOTIFY";
@@ -52,6 +56,17 @@ pub struct MountArgs {
     /// Do not allow opening device nodes of the image
     #[arg(long)]
     pub nodev: bool,
+    /// What to fetch in the background of eStargz layers once the tree is ready: the files
+    /// before their `.prefetch.landmark`, every file, or nothing (files are fetched when read)
+    #[arg(long, value_enum, default_value_t = Prefetch::None)]
+    pub prefetch: Prefetch,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Prefetch {
+    Landmark,
+    All,
+    None,
 }
 
 #[derive(Debug, Args)]
@@ -168,9 +183,13 @@ fn serve(g: &GlobalOpts, args: &MountArgs, notify: bool) -> anyhow::Result<ExitC
         digest: resolved.manifest_digest.to_string(),
         id: resolved.image_id().to_string(),
     };
+    let source = RegistrySource::new(&ctx, &reference);
     let backend = Arc::new(ImageBackend {
         store: ctx.store.clone(),
-        source: RegistrySource::new(&ctx, &reference),
+        ranges: Arc::new(RegistryRanges(source.clone())),
+        source,
+        lazy: std::sync::OnceLock::new(),
+        prefetch: args.prefetch,
         diff_ids: resolved.config.rootfs.diff_ids.clone(),
         resolved,
         rt: rt.handle().clone(),
@@ -231,13 +250,21 @@ fn detach_stdio() {
 }
 
 /// The store as the filesystem's backend: the first `tree()` fetches, verifies and extracts
-/// every layer (concurrently), then merges their indexes; later calls return the same tree.
+/// every plain layer (concurrently) and only the TOC of every eStargz layer, then merges their
+/// indexes; later calls return the same tree. Files of eStargz layers are fetched chunk by
+/// chunk as they are read.
 struct ImageBackend {
     store: Store,
-    source: Arc<dyn BlobSource>,
+    source: Arc<RegistrySource>,
+    ranges: Arc<RegistryRanges>,
     resolved: Resolved,
     diff_ids: Vec<Digest>,
     rt: tokio::runtime::Handle,
+    /// Per layer, the lazily served eStargz layer (`None`: extracted whole). Set once by the
+    /// build that succeeded, before the tree is published.
+    lazy: std::sync::OnceLock<Vec<Option<Arc<LazyLayer>>>>,
+    /// Background fetching of lazy layers, started once the tree is built.
+    prefetch: Prefetch,
     /// The merged tree once built. A std Mutex: held only to clone the Arc.
     tree: Mutex<Option<Arc<Tree>>>,
     /// Single flight for the build: the first caller builds, the others wait here and then
@@ -249,27 +276,109 @@ impl ImageBackend {
     fn build(&self) -> anyhow::Result<Tree> {
         let reporter = Reporter::Quiet;
         let started = std::time::Instant::now();
-        self.rt.block_on(super::pull::fetch_layers(
-            &self.store,
-            self.source.clone(),
-            &self.resolved,
-            &reporter,
-        ))?;
+        let jobs = super::pull::layer_jobs(&self.resolved)?;
+        let lazy = self.rt.block_on(self.lazy_layers())?;
+        let source: Arc<dyn BlobSource> = self.source.clone();
+        self.rt.block_on(async {
+            use futures_util::StreamExt as _;
+            let whole = jobs
+                .iter()
+                .zip(&lazy)
+                .filter(|(_, l)| l.is_none())
+                .map(|(job, _)| {
+                    let progress = reporter.layer(common::short(&job.digest), job.size);
+                    let source = source.clone();
+                    async move {
+                        self.store
+                            .ensure_layer(source, job, progress)
+                            .await
+                            .with_context(|| format!("layer {}", job.digest))
+                    }
+                });
+            let mut results =
+                futures_util::stream::iter(whole).buffer_unordered(super::pull::LAYER_CONCURRENCY);
+            while let Some(r) = results.next().await {
+                r?;
+            }
+            anyhow::Ok(())
+        })?;
         let fetched = started.elapsed();
         let mut indexes = Vec::with_capacity(self.diff_ids.len());
-        for d in &self.diff_ids {
-            indexes.push(self.store.load_layer_index(d)?);
+        for (d, l) in self.diff_ids.iter().zip(&lazy) {
+            indexes.push(match l {
+                Some(l) => l.index().clone(),
+                None => self.store.load_layer_index(d)?,
+            });
         }
         let tree = crate::overlay::merge(&indexes)
             .with_context(|| format!("merging the layers of {}", self.resolved.reference))?;
         tracing::info!(
             layers = indexes.len(),
+            lazy = lazy.iter().flatten().count(),
             inodes = tree.inodes.len(),
             fetch_ms = fetched.as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
             "image tree ready"
         );
+        let _ = self.lazy.set(lazy);
+        self.start_prefetch();
         Ok(tree)
+    }
+
+    /// One background task per lazy layer; they end with the runtime at unmount. Readers
+    /// share their fetches through the layer's single flight.
+    fn start_prefetch(&self) {
+        let all = match self.prefetch {
+            Prefetch::None => return,
+            Prefetch::Landmark => false,
+            Prefetch::All => true,
+        };
+        for l in self.lazy.get().into_iter().flatten().flatten() {
+            let (l, ranges) = (l.clone(), self.ranges.clone());
+            self.rt.spawn(async move {
+                let started = std::time::Instant::now();
+                match l.prefetch(&*ranges, all).await {
+                    Ok(()) => tracing::info!(
+                        digest = %l.digest(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "prefetch done"
+                    ),
+                    Err(e) => tracing::warn!(digest = %l.digest(), "prefetch stopped: {e}"),
+                }
+            });
+        }
+    }
+
+    /// Per layer, its lazy eStargz form when it has a TOC digest annotation, is not extracted
+    /// already, and its footer and TOC are usable (else it is fetched whole).
+    async fn lazy_layers(&self) -> anyhow::Result<Vec<Option<Arc<LazyLayer>>>> {
+        let layers = &self.resolved.manifest.layers;
+        let attempts = layers.iter().zip(&self.diff_ids).map(|(desc, diff_id)| async move {
+            let Some(toc) = desc.annotation(TOC_DIGEST_ANNOTATION) else {
+                return Ok(None);
+            };
+            if self.store.has_layer(diff_id) {
+                return Ok(None);
+            }
+            let toc: Digest = match toc.parse() {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(digest = %desc.digest, "bad {TOC_DIGEST_ANNOTATION} annotation, fetching the layer whole: {e}");
+                    return Ok(None);
+                }
+            };
+            let l = self
+                .store
+                .lazy_layer(&*self.ranges, &desc.digest, desc.size, &toc)
+                .await
+                .with_context(|| format!("layer {}", desc.digest))?;
+            anyhow::Ok(l.map(Arc::new))
+        });
+        futures_util::future::try_join_all(attempts).await
+    }
+
+    fn lazy_layer(&self, layer: u32) -> Option<&Arc<LazyLayer>> {
+        self.lazy.get()?.get(layer as usize)?.as_ref()
     }
 }
 
@@ -291,6 +400,11 @@ impl Backend for ImageBackend {
     }
 
     fn open(&self, layer: u32, data: DataRef) -> Result<std::fs::File, BackendError> {
+        if let Some(l) = self.lazy_layer(layer) {
+            return l
+                .data_file(data)
+                .map_err(|e| BackendError::new(e.to_string()));
+        }
         let diff_id = self
             .diff_ids
             .get(layer as usize)
@@ -298,6 +412,73 @@ impl Backend for ImageBackend {
         let path = self.store.data_path(diff_id, data);
         std::fs::File::open(&path)
             .map_err(|e| BackendError::new(format!("opening {}: {e}", path.display())))
+    }
+
+    fn is_complete(&self, layer: u32, data: DataRef) -> bool {
+        self.lazy_layer(layer).is_none_or(|l| l.is_complete(data))
+    }
+
+    fn ensure(&self, layer: u32, data: DataRef, offset: u64, len: u64) -> Result<(), BackendError> {
+        let Some(l) = self.lazy_layer(layer) else {
+            return Ok(());
+        };
+        self.rt
+            .block_on(l.ensure(&*self.ranges, data, offset..offset.saturating_add(len)))
+            .map_err(|e| BackendError::new(format!("{e} (file bytes {offset}+{len})")))
+    }
+}
+
+/// Blob ranges from the registry, for eStargz layers.
+struct RegistryRanges(Arc<RegistrySource>);
+
+impl RangeSource for RegistryRanges {
+    fn fetch_range<'a>(
+        &'a self,
+        digest: &'a Digest,
+        range: std::ops::Range<u64>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<u8>, SourceError>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            use futures_util::StreamExt as _;
+            let s = &self.0;
+            if s.offline {
+                return Err(format!(
+                    "bytes {}..{} of blob {digest} are not in the cache and --offline is set",
+                    range.start, range.end
+                )
+                .into());
+            }
+            if range.is_empty() {
+                return Ok(Vec::new());
+            }
+            let b = s
+                .client
+                .blob(
+                    &s.registry,
+                    &s.repository,
+                    digest,
+                    range.start,
+                    Some(range.end - 1),
+                )
+                .await?;
+            // A registry that ignores Range sends the blob from 0: skip to the range.
+            let mut skip = range.start.saturating_sub(b.start);
+            let len = (range.end - range.start) as usize;
+            let mut out = Vec::with_capacity(len);
+            let mut body = b.body;
+            while out.len() < len {
+                let Some(bytes) = body.next().await else {
+                    break;
+                };
+                let bytes = bytes?;
+                let from = (skip as usize).min(bytes.len());
+                skip -= from as u64;
+                let take = (bytes.len() - from).min(len - out.len());
+                out.extend_from_slice(&bytes[from..from + take]);
+            }
+            Ok(out)
+        })
     }
 }
 

@@ -83,6 +83,9 @@ struct OpenFile {
     size: u64,
     layer: u32,
     data: DataRef,
+    /// The backing file held all of the content at open; when not, reads ask the backend to
+    /// make their range local first.
+    complete: bool,
     handles: u64,
 }
 
@@ -250,7 +253,9 @@ impl ImageFs {
                 id: data.id,
                 source,
             })?;
-        let backing = if self.passthrough {
+        let complete = self.backend.is_complete(layer, data);
+        // Passthrough reads never reach us, so only complete files may use it.
+        let backing = if self.passthrough && complete {
             match reply.open_backing(&file) {
                 Ok(id) => Some(Arc::new(id)),
                 Err(e) => {
@@ -272,6 +277,7 @@ impl ImageFs {
             size,
             layer,
             data,
+            complete,
             handles: 1,
         };
         let mut open = self.open.lock().unwrap();
@@ -342,12 +348,25 @@ impl ImageFs {
         }
         let found = self.open.lock().unwrap().get(&ino).and_then(|o| {
             let file = o.file.clone()?;
-            Some((file, o.size, o.layer, o.data))
+            Some((file, o.size, o.layer, o.data, o.complete))
         });
-        let Some((file, file_size, layer, data)) = found else {
+        let Some((file, file_size, layer, data, complete)) = found else {
             return Err((OpError::NotOpen, reply));
         };
         let want = (size.min(MAX_IO) as u64).min(file_size.saturating_sub(offset)) as usize;
+        if !complete
+            && want > 0
+            && let Err(source) = self.backend.ensure(layer, data, offset, want as u64)
+        {
+            return Err((
+                OpError::Data {
+                    layer,
+                    id: data.id,
+                    source,
+                },
+                reply,
+            ));
+        }
         READ_BUF.with_borrow_mut(|buf| {
             if buf.len() < want {
                 buf.resize(want, 0);

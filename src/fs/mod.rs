@@ -2,8 +2,10 @@
 //! meta files at the root. The only module that knows `fuser`, errno, inode numbers and TTLs.
 //!
 //! It does not know where the tree and file data come from: a [`Backend`] (the store, in the
-//! binary) produces the tree and opens local files, blocking until they are there. FUSE worker
-//! threads simply wait on it; readers never see EAGAIN.
+//! binary) produces the tree and opens local files, blocking until they are there. A file may
+//! be opened before its content is local (lazily fetched layers): then each read first asks the
+//! backend to make its range local, and such files are served with `pread`, never passthrough.
+//! FUSE worker threads simply wait on the backend; readers never see EAGAIN.
 //!
 //! What the kernel sees:
 //! - inode numbers: tree inode id + 1 (the root, id 0, is FUSE inode 1); the meta files use the
@@ -54,8 +56,28 @@ pub trait Backend: Send + Sync + 'static {
     fn tree(&self) -> Result<Arc<Tree>, BackendError>;
 
     /// Open the local file holding the content of a regular file (layer index, `DataRef`),
-    /// read-only; blocks until it is local.
+    /// read-only; blocks until it is local — or, for a file that is not
+    /// [complete](Backend::is_complete), until a file exists that [`Backend::ensure`] fills.
     fn open(&self, layer: u32, data: DataRef) -> Result<std::fs::File, BackendError>;
+
+    /// Whether the file `open` returns holds all of the content already. When it does not
+    /// (a lazily fetched layer), reads call [`Backend::ensure`] first and never use
+    /// passthrough.
+    fn is_complete(&self, _layer: u32, _data: DataRef) -> bool {
+        true
+    }
+
+    /// Make `len` bytes of the content from `offset` local in the file `open` returned;
+    /// blocks until they are. Called before every read of a file that was not complete.
+    fn ensure(
+        &self,
+        _layer: u32,
+        _data: DataRef,
+        _offset: u64,
+        _len: u64,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 /// Why the backend could not produce the tree or a file; logged at the FUSE boundary.

@@ -7,6 +7,7 @@
 //! blobs/sha256/<hex>          verified blobs: manifests, indexes, configs, layer blobs
 //! partial/sha256-<hex>        a layer download in progress (resumed with Range)
 //! layers/sha256/<hex>/        an extracted layer, by diff_id: index.json + data/<n>
+//! estargz/sha256/<hex>/       a lazily served eStargz blob: toc.json, data/<n>, present
 //! tmp/                        extraction in progress (never looks like a layer)
 //! locks/                      one lock file per blob / layer being written
 //! refs.json                   "registry/repository:tag" → manifest digest
@@ -17,6 +18,7 @@
 //! a file lock and the second finds the first's result. The store knows nothing of HTTP: it
 //! pulls bytes through [`BlobSource`].
 
+mod estargz;
 mod pipeline;
 
 use std::collections::BTreeMap;
@@ -28,6 +30,7 @@ use std::path::{Path, PathBuf};
 use crate::layer::index::{DataRef, LayerIndex};
 use crate::oci::Digest;
 
+pub use estargz::{LazyLayer, LazyState, RangeSource, has_toc};
 pub use pipeline::{BlobBody, BlobSource, LayerEvent, LayerJob, SourceError};
 
 #[derive(Debug, thiserror::Error)]

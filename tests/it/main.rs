@@ -2,6 +2,7 @@
 //! registries (Debian's `docker-registry`) and real FUSE mounts.
 
 mod cli_pull;
+mod estargz;
 mod fs_mount;
 mod harness;
 mod mount;

@@ -57,7 +57,7 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 /// The mounted tree. The root is listed first: until something needs the image tree, `stat`
 /// of the mount root answers placeholder attributes (0755, root, mtime 0, not cached) so that
 /// it never starts the fetch; the image's root metadata shows from the first real access on.
-fn walk_mount(m: &Mount) -> Snapshot {
+pub(crate) fn walk_mount(m: &Mount) -> Snapshot {
     let listed = fs::read_dir(m.path()).expect("list the mount root").count();
     assert!(listed > 0, "empty mount root");
     let walk = Walk {
@@ -481,7 +481,7 @@ fn du_bytes(dir: &Path) -> u64 {
 // Fixtures
 
 /// The mount in `expected-rootfs.txt`'s format: `PATH TYPE MODE SIZE SHA256-or-TARGET`.
-fn rootfs_lines(snap: &Snapshot) -> Vec<String> {
+pub(crate) fn rootfs_lines(snap: &Snapshot) -> Vec<String> {
     snap.nodes
         .iter()
         .map(|(path, n)| {

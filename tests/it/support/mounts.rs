@@ -173,8 +173,28 @@ impl Mount {
 
     /// Like [`Mount::new`], but hands back the report of a failed `imagefs mount`.
     pub fn try_new(imagefs: &Imagefs, global: &[&str], reference: &str) -> Result<Mount, Output> {
+        Mount::try_new_with(imagefs, global, &[], reference)
+    }
+
+    /// Like [`Mount::new`], with `mount_args` after the mount point (`--prefetch all`, …).
+    pub fn new_with(
+        imagefs: &Imagefs,
+        global: &[&str],
+        mount_args: &[&str],
+        reference: &str,
+    ) -> Mount {
+        Mount::try_new_with(imagefs, global, mount_args, reference)
+            .unwrap_or_else(|out| panic!("imagefs mount failed\n{}", out.report()))
+    }
+
+    pub fn try_new_with(
+        imagefs: &Imagefs,
+        global: &[&str],
+        mount_args: &[&str],
+        reference: &str,
+    ) -> Result<Mount, Output> {
         let (dir, mp) = mountpoint_dir();
-        let cmd = mount_cmd(imagefs, global, reference, &mp);
+        let cmd = mount_cmd(imagefs, global, reference, &mp).args(mount_args);
         let started = Instant::now();
         let output = cmd.run();
         let took = started.elapsed();
