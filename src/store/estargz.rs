@@ -1,0 +1,671 @@
+//! Lazily fetched eStargz layers: the verified TOC (as a layer index plus chunk map) and the
+//! file chunks fetched so far, so that reading one file costs a few Range requests and a
+//! remount needs no network for what was read before.
+//!
+//! Layout under the store root, by blob digest:
+//!
+//! ```text
+//! estargz/sha256/<hex>/toc.json   the verified TOC as { toc_digest, toc_offset, index, chunks }
+//! estargz/sha256/<hex>/data/<id>  sparse file per file with content (size = file size)
+//! estargz/sha256/<hex>/present    append-only log of present chunks: (id u32 LE, chunk u32 LE)
+//! ```
+//!
+//! Invariants: `toc.json` appears (atomically) only after the TOC matched the layer's
+//! `toc.digest` annotation. A chunk is recorded in `present` only after it decoded, matched its
+//! `chunkDigest` and its bytes were written and synced into the data file; a torn last record
+//! is ignored. The module knows nothing of HTTP: ranges come through [`RangeSource`].
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use super::{SourceError, Store, StoreError, io_err};
+use crate::layer::estargz::{
+    self, ChunkMap, EstargzError, FOOTER_SIZE, decode_chunk, parse_footer, parse_toc_member,
+};
+use crate::layer::index::{DataRef, LayerIndex};
+use crate::oci::Digest;
+
+/// Where blob byte ranges come from (the registry, in the binary).
+pub trait RangeSource: Send + Sync {
+    /// Exactly the bytes `range` of blob `digest`.
+    fn fetch_range<'a>(
+        &'a self,
+        digest: &'a Digest,
+        range: Range<u64>,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, SourceError>> + Send + 'a>>;
+}
+
+/// What `toc.json` holds.
+#[derive(Serialize, Deserialize)]
+struct StoredToc {
+    toc_digest: Digest,
+    toc_offset: u64,
+    index: LayerIndex,
+    chunks: ChunkMap,
+    /// Offset of `.prefetch.landmark`: the prioritised files lie before it.
+    #[serde(default)]
+    prefetch_end: Option<u64>,
+}
+
+/// Size of one record in the `present` log.
+const RECORD: usize = 8;
+
+/// One eStargz layer served lazily from its blob.
+pub struct LazyLayer {
+    digest: Digest,
+    dir: PathBuf,
+    index: LayerIndex,
+    chunks: ChunkMap,
+    prefetch_end: Option<u64>,
+    /// Chunks known present, as (file id, chunk number). A std Mutex: held for set lookups and
+    /// inserts only, never across I/O.
+    present: Mutex<HashSet<(u32, u32)>>,
+    /// The `present` log, opened for appending: each record is one `write` of 8 bytes, which
+    /// O_APPEND keeps whole even with several writers.
+    log: File,
+    /// Single flight per file: the task fetching a file's missing chunks holds its lock (an
+    /// async lock: it is held across the fetch); others wait and then find the chunks present.
+    /// The map itself is behind a std Mutex held only to clone the Arc.
+    fetching: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Store {
+    /// Where the lazy state of eStargz blob `blob` lives.
+    pub fn estargz_dir(&self, blob: &Digest) -> PathBuf {
+        self.root
+            .join("estargz")
+            .join(blob.algorithm().as_str())
+            .join(blob.hex())
+    }
+
+    /// The lazy layer of `blob` from the store alone, if its TOC was stored before for
+    /// `toc_digest`. `None` when it was not (or not for that digest).
+    pub fn load_lazy_layer(
+        &self,
+        blob: &Digest,
+        toc_digest: &Digest,
+    ) -> Result<Option<LazyLayer>, StoreError> {
+        let dir = self.estargz_dir(blob);
+        let path = dir.join("toc.json");
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let stored: StoredToc = match serde_json::from_slice(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "ignoring a corrupt stored TOC: {e}");
+                return Ok(None);
+            }
+        };
+        if &stored.toc_digest != toc_digest {
+            return Ok(None);
+        }
+        LazyLayer::open(blob.clone(), dir, stored).map(Some)
+    }
+
+    /// The lazy layer of `blob` (`blob_size` bytes, TOC digest `toc_digest` from its
+    /// descriptor): from the store, or by fetching its footer and TOC (two Range requests) and
+    /// storing them once verified. `Ok(None)` when the blob turns out not to be usable as
+    /// eStargz (bad footer or TOC structure): fetch it whole instead. A TOC that does not match
+    /// `toc_digest` is an error, and nothing is stored.
+    pub async fn lazy_layer(
+        &self,
+        source: &dyn RangeSource,
+        blob: &Digest,
+        blob_size: u64,
+        toc_digest: &Digest,
+    ) -> Result<Option<LazyLayer>, StoreError> {
+        if let Some(l) = self.load_lazy_layer(blob, toc_digest)? {
+            return Ok(Some(l));
+        }
+        let fetch = |range: Range<u64>| async move {
+            source
+                .fetch_range(blob, range)
+                .await
+                .map_err(|source| StoreError::Source {
+                    digest: blob.clone(),
+                    source,
+                })
+        };
+        let not_estargz = |e: EstargzError| {
+            tracing::warn!(digest = %blob, "{e}");
+            Ok(None)
+        };
+        if blob_size < FOOTER_SIZE as u64 {
+            return not_estargz(EstargzError::Footer {
+                reason: format!("the blob is only {blob_size} bytes"),
+            });
+        }
+        let tail = fetch(blob_size - FOOTER_SIZE as u64..blob_size).await?;
+        let footer = match parse_footer(&tail) {
+            Ok(f) => f,
+            Err(e) => return not_estargz(e),
+        };
+        let toc_range = match footer.toc_range(blob_size) {
+            Ok(r) => r,
+            Err(e) => return not_estargz(e),
+        };
+        let member = fetch(toc_range).await?;
+        let toc = match parse_toc_member(&member, Some(toc_digest)) {
+            Ok(t) => t,
+            Err(e @ EstargzError::TocDigestMismatch { .. }) => {
+                return Err(StoreError::Layer {
+                    digest: blob.clone(),
+                    message: e.to_string(),
+                });
+            }
+            Err(e) => return not_estargz(e),
+        };
+        let (index, chunks) = match toc.to_layer(footer.toc_offset) {
+            Ok(l) => l,
+            Err(e) => return not_estargz(e),
+        };
+        let stored = StoredToc {
+            toc_digest: toc_digest.clone(),
+            toc_offset: footer.toc_offset,
+            index,
+            chunks,
+            prefetch_end: toc.prefetch_landmark_offset(),
+        };
+        let dir = self.estargz_dir(blob);
+        let data = dir.join("data");
+        fs::create_dir_all(&data).map_err(io_err(&data))?;
+        let bytes = serde_json::to_vec(&stored).expect("a TOC serialises");
+        self.write_atomic(&dir.join("toc.json"), &bytes)?;
+        LazyLayer::open(blob.clone(), dir, stored).map(Some)
+    }
+}
+
+/// How much of a lazy layer is local.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LazyState {
+    /// File bytes present locally.
+    pub local: u64,
+    /// File bytes in the layer.
+    pub total: u64,
+}
+
+impl LazyLayer {
+    fn open(digest: Digest, dir: PathBuf, stored: StoredToc) -> Result<LazyLayer, StoreError> {
+        let StoredToc {
+            index,
+            chunks,
+            prefetch_end,
+            ..
+        } = stored;
+        let data = dir.join("data");
+        fs::create_dir_all(&data).map_err(io_err(&data))?;
+        let log_path = dir.join("present");
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?;
+        let present = read_present(&mut log, &chunks).map_err(io_err(&log_path))?;
+        Ok(LazyLayer {
+            digest,
+            dir,
+            index,
+            chunks,
+            prefetch_end,
+            present: Mutex::new(present),
+            log,
+            fetching: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    pub fn index(&self) -> &LayerIndex {
+        &self.index
+    }
+
+    /// Local and total file bytes.
+    pub fn state(&self) -> LazyState {
+        let present = self.present.lock().expect("present lock");
+        let mut state = LazyState { local: 0, total: 0 };
+        for (data, chunks) in self.chunks.iter() {
+            for (n, c) in chunks.iter().enumerate() {
+                state.total += c.chunk_size;
+                if present.contains(&(data.id, n as u32)) {
+                    state.local += c.chunk_size;
+                }
+            }
+        }
+        state
+    }
+
+    fn data_path(&self, data: DataRef) -> PathBuf {
+        self.dir.join("data").join(data.id.to_string())
+    }
+
+    fn file_size(&self, data: DataRef) -> Option<u64> {
+        Some(self.chunks.chunks(data)?.last()?.file_range().end)
+    }
+
+    /// Whether every chunk of the file is local.
+    pub fn is_complete(&self, data: DataRef) -> bool {
+        let Some(chunks) = self.chunks.chunks(data) else {
+            return false;
+        };
+        let present = self.present.lock().expect("present lock");
+        (0..chunks.len() as u32).all(|n| present.contains(&(data.id, n)))
+    }
+
+    /// The local (sparse) file of a file's content, read-only: only the ranges
+    /// [`LazyLayer::ensure`]d are meaningful.
+    pub fn data_file(&self, data: DataRef) -> Result<File, StoreError> {
+        let size = self.file_size(data).ok_or_else(|| StoreError::Layer {
+            digest: self.digest.clone(),
+            message: format!("no file with data id {} in the TOC", data.id),
+        })?;
+        let path = self.data_path(data);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        if f.metadata().map_err(io_err(&path))?.len() != size {
+            f.set_len(size).map_err(io_err(&path))?;
+        }
+        drop(f);
+        File::open(&path).map_err(io_err(&path))
+    }
+
+    /// Make the file bytes `range` local: fetch the missing chunks overlapping it (one Range
+    /// request per run of adjacent missing chunks), verify each against its digest, write it
+    /// into the data file and record it. A chunk that fails verification is neither written nor
+    /// recorded.
+    pub async fn ensure(
+        &self,
+        source: &dyn RangeSource,
+        data: DataRef,
+        range: Range<u64>,
+    ) -> Result<(), StoreError> {
+        if self.missing(data, range.clone()).is_empty() {
+            return Ok(());
+        }
+        let lock = self
+            .fetching
+            .lock()
+            .expect("fetching lock")
+            .entry(data.id)
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        let missing = self.missing(data, range);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let chunks = self.chunks.chunks(data).unwrap_or_default();
+        let path = self.data_path(data);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        for run in runs(chunks, &missing) {
+            let first = &chunks[run.start as usize];
+            let last = &chunks[run.end as usize - 1];
+            let span = first.offset..last.compressed_range().end;
+            let bytes = source
+                .fetch_range(&self.digest, span.clone())
+                .await
+                .map_err(|source| StoreError::Source {
+                    digest: self.digest.clone(),
+                    source,
+                })?;
+            if bytes.len() as u64 != span.end - span.start {
+                return Err(StoreError::Layer {
+                    digest: self.digest.clone(),
+                    message: format!(
+                        "asked for bytes {}..{}, got {}",
+                        span.start,
+                        span.end,
+                        bytes.len()
+                    ),
+                });
+            }
+            for n in run {
+                let c = &chunks[n as usize];
+                let at = (c.offset - span.start) as usize;
+                let compressed = &bytes[at..at + c.compressed_len as usize];
+                let plain = decode_chunk(compressed, c).map_err(|e| StoreError::Layer {
+                    digest: self.digest.clone(),
+                    message: format!("file {} chunk {n}: {e}", data.id),
+                })?;
+                file.write_all_at(&plain, c.chunk_offset)
+                    .and_then(|()| file.sync_data())
+                    .map_err(io_err(&path))?;
+                let mut record = [0u8; RECORD];
+                record[..4].copy_from_slice(&data.id.to_le_bytes());
+                record[4..].copy_from_slice(&n.to_le_bytes());
+                let log_path = self.dir.join("present");
+                (&self.log)
+                    .write_all(&record)
+                    .and_then(|()| self.log.sync_data())
+                    .map_err(io_err(&log_path))?;
+                self.present
+                    .lock()
+                    .expect("present lock")
+                    .insert((data.id, n));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetch the prioritised files (those before `.prefetch.landmark`), or with `all` every
+    /// file, in blob order; stops at the first failure.
+    pub async fn prefetch(&self, source: &dyn RangeSource, all: bool) -> Result<(), StoreError> {
+        let end = match (all, self.prefetch_end) {
+            (true, _) => u64::MAX,
+            (false, Some(end)) => end,
+            (false, None) => return Ok(()),
+        };
+        let mut targets: Vec<(u64, DataRef, Range<u64>)> = self
+            .chunks
+            .iter()
+            .filter_map(|(data, chunks)| {
+                let first = chunks.first().filter(|c| c.offset < end)?;
+                let last = chunks.iter().rev().find(|c| c.offset < end)?;
+                Some((
+                    first.offset,
+                    data,
+                    first.chunk_offset..last.file_range().end,
+                ))
+            })
+            .collect();
+        targets.sort_by_key(|t| t.0);
+        for (_, data, range) in targets {
+            self.ensure(source, data, range).await?;
+        }
+        Ok(())
+    }
+
+    /// Numbers of the chunks overlapping `range` that are not local, ascending.
+    fn missing(&self, data: DataRef, range: Range<u64>) -> Vec<u32> {
+        let Some(all) = self.chunks.chunks(data) else {
+            return Vec::new();
+        };
+        let wanted = self.chunks.chunks_in(data, range);
+        let Some(first) = wanted.first() else {
+            return Vec::new();
+        };
+        let base = all.partition_point(|c| c.chunk_offset < first.chunk_offset) as u32;
+        let present = self.present.lock().expect("present lock");
+        (base..base + wanted.len() as u32)
+            .filter(|&n| !present.contains(&(data.id, n)))
+            .collect()
+    }
+}
+
+/// Group `missing` chunk numbers (ascending) into runs of consecutive chunks whose compressed
+/// ranges touch, each fetched with one request.
+fn runs(chunks: &[estargz::Chunk], missing: &[u32]) -> Vec<Range<u32>> {
+    let mut out: Vec<Range<u32>> = Vec::new();
+    for &n in missing {
+        if let Some(last) = out.last_mut()
+            && last.end == n
+            && chunks[n as usize - 1].compressed_range().end == chunks[n as usize].offset
+        {
+            last.end = n + 1;
+            continue;
+        }
+        out.push(n..n + 1);
+    }
+    out
+}
+
+/// The records of the `present` log that name a chunk of `chunks`; a torn last record (a crash
+/// mid-append) is ignored.
+fn read_present(log: &mut File, chunks: &ChunkMap) -> io::Result<HashSet<(u32, u32)>> {
+    let mut bytes = Vec::new();
+    log.read_to_end(&mut bytes)?;
+    let mut set = HashSet::new();
+    for r in bytes.chunks_exact(RECORD) {
+        let id = u32::from_le_bytes(r[..4].try_into().expect("4 bytes"));
+        let n = u32::from_le_bytes(r[4..].try_into().expect("4 bytes"));
+        if chunks
+            .chunks(DataRef { id })
+            .is_some_and(|c| (n as usize) < c.len())
+        {
+            set.insert((id, n));
+        }
+    }
+    Ok(set)
+}
+
+/// Whether `dir` holds a stored TOC (for `imagefs layers`).
+pub fn has_toc(dir: &Path) -> bool {
+    dir.join("toc.json").is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::estargz::testing::{Landmark, WriterOptions, write_estargz_with};
+    use crate::layer::index::{Entry, EntryKind};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct MemRanges {
+        blob: Vec<u8>,
+        requests: Mutex<Vec<Range<u64>>>,
+        fail: AtomicUsize,
+    }
+
+    impl RangeSource for MemRanges {
+        fn fetch_range<'a>(
+            &'a self,
+            _digest: &'a Digest,
+            range: Range<u64>,
+        ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, SourceError>> + Send + 'a>> {
+            Box::pin(async move {
+                if self.fail.load(Ordering::SeqCst) > 0 {
+                    return Err("offline (test)".into());
+                }
+                self.requests.lock().unwrap().push(range.clone());
+                Ok(self.blob[range.start as usize..range.end as usize].to_vec())
+            })
+        }
+    }
+
+    fn big() -> Vec<u8> {
+        (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    fn sample() -> (Vec<u8>, Digest, Digest) {
+        let mut f = Entry::new("big", EntryKind::File, 0o644);
+        let content = big();
+        f.size = content.len() as u64;
+        let mut s = Entry::new("small", EntryKind::File, 0o644);
+        s.size = 5;
+        let w = write_estargz_with(
+            &[(f, content), (s, b"hello".to_vec())],
+            &WriterOptions {
+                chunk_size: 100_000,
+                landmark: Landmark::NoPrefetch,
+                legacy_footer: false,
+            },
+        );
+        let digest = Digest::sha256(&w.blob);
+        (w.blob, digest, w.toc_digest)
+    }
+
+    fn data_of(l: &LazyLayer, path: &str) -> DataRef {
+        l.index()
+            .entries
+            .iter()
+            .find(|e| e.path == path.as_bytes())
+            .and_then(|e| e.data)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn reads_fetch_only_missing_chunks_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (blob, digest, toc) = sample();
+        let src = MemRanges {
+            blob: blob.clone(),
+            requests: Mutex::new(Vec::new()),
+            fail: AtomicUsize::new(0),
+        };
+        let l = store
+            .lazy_layer(&src, &digest, blob.len() as u64, &toc)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(src.requests.lock().unwrap().len(), 2, "footer + TOC");
+        let big_ref = data_of(&l, "big");
+        assert!(!l.is_complete(big_ref));
+        l.ensure(&src, big_ref, 150_000..150_010).await.unwrap();
+        assert_eq!(src.requests.lock().unwrap().len(), 3, "one chunk");
+        let f = l.data_file(big_ref).unwrap();
+        let mut buf = [0u8; 10];
+        f.read_exact_at(&mut buf, 150_000).unwrap();
+        assert_eq!(&buf[..], &big()[150_000..150_010]);
+        // Present chunks are not fetched again; the two missing neighbours are one request.
+        l.ensure(&src, big_ref, 0..300_000).await.unwrap();
+        assert_eq!(src.requests.lock().unwrap().len(), 5);
+        assert!(l.is_complete(big_ref));
+        // Reopened from the store with no network: the TOC and chunks are there.
+        src.fail.store(1, Ordering::SeqCst);
+        drop(l);
+        let l = store.load_lazy_layer(&digest, &toc).unwrap().unwrap();
+        l.ensure(&src, big_ref, 0..300_000).await.unwrap();
+        assert!(l.is_complete(big_ref));
+        let small = data_of(&l, "small");
+        assert!(l.ensure(&src, small, 0..5).await.is_err());
+        assert_eq!(
+            l.state(),
+            LazyState {
+                local: 300_000,
+                total: 300_005
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn corrupt_chunks_and_tocs_store_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (blob, digest, toc) = sample();
+        let wrong = Digest::sha256(b"not the toc");
+        let src = MemRanges {
+            blob: blob.clone(),
+            requests: Mutex::new(Vec::new()),
+            fail: AtomicUsize::new(0),
+        };
+        assert!(
+            store
+                .lazy_layer(&src, &digest, blob.len() as u64, &wrong)
+                .await
+                .is_err()
+        );
+        assert!(!has_toc(&store.estargz_dir(&digest)));
+
+        let l = store
+            .lazy_layer(&src, &digest, blob.len() as u64, &toc)
+            .await
+            .unwrap()
+            .unwrap();
+        let big_ref = data_of(&l, "big");
+        let c = l.chunks.chunks(big_ref).unwrap()[1].clone();
+        let mut bad = blob.clone();
+        let mid = (c.offset + c.compressed_len / 2) as usize;
+        bad[mid] ^= 0xff;
+        let bad_src = MemRanges {
+            blob: bad,
+            requests: Mutex::new(Vec::new()),
+            fail: AtomicUsize::new(0),
+        };
+        assert!(
+            l.ensure(&bad_src, big_ref, c.chunk_offset..c.chunk_offset + 1)
+                .await
+                .is_err()
+        );
+        assert_eq!(l.state().local, 0);
+        drop(l);
+        let l = store.load_lazy_layer(&digest, &toc).unwrap().unwrap();
+        assert_eq!(l.state().local, 0);
+    }
+
+    #[tokio::test]
+    async fn prefetch_takes_the_prioritised_files_or_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut f = Entry::new("big", EntryKind::File, 0o644);
+        f.size = big().len() as u64;
+        let mut s = Entry::new("small", EntryKind::File, 0o644);
+        s.size = 5;
+        let w = write_estargz_with(
+            &[(f, big()), (s, b"hello".to_vec())],
+            &WriterOptions {
+                chunk_size: 100_000,
+                landmark: Landmark::Prefetch { after: 1 },
+                legacy_footer: false,
+            },
+        );
+        let digest = Digest::sha256(&w.blob);
+        let src = MemRanges {
+            blob: w.blob.clone(),
+            requests: Mutex::new(Vec::new()),
+            fail: AtomicUsize::new(0),
+        };
+        let l = store
+            .lazy_layer(&src, &digest, w.blob.len() as u64, &w.toc_digest)
+            .await
+            .unwrap()
+            .unwrap();
+        l.prefetch(&src, false).await.unwrap();
+        assert!(l.is_complete(data_of(&l, "big")));
+        assert!(!l.is_complete(data_of(&l, "small")));
+        l.prefetch(&src, true).await.unwrap();
+        assert!(l.is_complete(data_of(&l, "small")));
+        assert_eq!(l.state().local, l.state().total);
+    }
+
+    #[test]
+    fn runs_join_adjacent_missing_chunks() {
+        let chunk = |offset, len| estargz::Chunk {
+            offset,
+            compressed_len: len,
+            chunk_offset: 0,
+            chunk_size: 1,
+            chunk_digest: None,
+            inner_offset: 0,
+        };
+        let chunks = [chunk(0, 10), chunk(10, 10), chunk(20, 5), chunk(30, 5)];
+        // Runs as (start, end) pairs.
+        type Runs = &'static [(u32, u32)];
+        let cases: [(&[u32], Runs); 4] = [
+            (&[], &[]),
+            (&[0, 1, 2], &[(0, 3)]),
+            (&[0, 2], &[(0, 1), (2, 3)]),
+            (&[1, 2, 3], &[(1, 3), (3, 4)]),
+        ];
+        for (missing, want) in cases {
+            let got: Vec<(u32, u32)> = runs(&chunks, missing)
+                .into_iter()
+                .map(|r| (r.start, r.end))
+                .collect();
+            assert_eq!(got, want, "{missing:?}");
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! File-granular laziness: mounting an eStargz image (a layer whose descriptor carries the
+//! `toc.digest` annotation) fetches only its footer and TOC; reading a file fetches only that
+//! file's chunks, verified; what was read survives an offline remount.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+
+use imagefs::layer::estargz::testing::{Landmark, WriterOptions, write_estargz_with};
+use imagefs::layer::estargz::{
+    Chunk, FOOTER_SIZE, TOC_DIGEST_ANNOTATION, parse_footer, parse_toc_member,
+};
+use imagefs::layer::index::{Entry as IndexEntry, EntryKind};
+
+use crate::mount::{rootfs_lines, walk_mount};
+use crate::support::mounts::{Mount, TIMEOUT, wait_until};
+use crate::support::{
+    AccessLine, Auth, Compression, Entry, Format, ImageBuilder, Imagefs, Layer, Registry,
+    fixture_path, skopeo_copy_fixture,
+};
+
+/// Chunk size of the written images: big enough that kernel readahead inside the middle
+/// chunk of a file stays inside it.
+const CHUNK: u64 = 256 << 10;
+
+/// (digest, size) of every layer of the mounted image, from `.manifest.json` (a meta file:
+/// reading it fetches nothing).
+fn layers_of(m: &Mount) -> Vec<(String, u64)> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(m.p(".manifest.json")).unwrap()).unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_owned(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The GETs of blob `digest` in the access log.
+fn blob_gets<'a>(log: &'a [AccessLine], digest: &str) -> Vec<&'a AccessLine> {
+    let suffix = format!("/blobs/{digest}");
+    log.iter()
+        .filter(|l| l.method == "GET" && l.uri.ends_with(&suffix))
+        .collect()
+}
+
+fn check_estargz_fixture(archive: &str, tag: &str) {
+    let registry = Registry::start(Auth::Anonymous);
+    skopeo_copy_fixture(&fixture_path(archive), &registry, &format!("busybox:{tag}"));
+    let imagefs = Imagefs::new();
+    let m = Mount::new(
+        &imagefs,
+        &[],
+        &registry.reference(&format!("busybox:{tag}")),
+    );
+    let layers = layers_of(&m);
+    let os_release = fs::read_to_string(m.p("etc/os-release")).unwrap();
+    assert!(os_release.contains("NAME="), "{archive}: {os_release:?}");
+
+    let log = registry.access_log();
+    let blob_total: u64 = layers.iter().map(|(_, s)| s).sum();
+    let served: u64 = layers
+        .iter()
+        .flat_map(|(d, _)| blob_gets(&log, d))
+        .map(|l| l.bytes)
+        .sum();
+    eprintln!(
+        "{archive}: reading /etc/os-release fetched {served} of {blob_total} layer blob bytes"
+    );
+    assert!(
+        served * 10 < blob_total,
+        "{archive}: {served} of {blob_total} layer bytes fetched to read one file:\n{}",
+        registry.log()
+    );
+    for (d, _) in &layers {
+        assert!(
+            blob_gets(&log, d).iter().all(|l| l.status == 206),
+            "{archive}: a whole-blob GET of {d}:\n{}",
+            registry.log()
+        );
+    }
+
+    let got = rootfs_lines(&walk_mount(&m));
+    let want: Vec<String> = fs::read_to_string(fixture_path("expected-rootfs.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        got.join("\n"),
+        want.join("\n"),
+        "{archive}: the mount (left) differs from expected-rootfs.txt (right)"
+    );
+    m.unmount();
+}
+
+#[test]
+fn fixture_estargz_reads_one_file_with_a_few_small_ranges() {
+    check_estargz_fixture("busybox-estargz.oci.tar", "estargz");
+}
+
+#[test]
+fn fixture_estargz_optimized_reads_one_file_with_a_few_small_ranges() {
+    check_estargz_fixture("busybox-estargz-opt.oci.tar", "estargz-opt");
+}
+
+/// Bytes that deflate does not shrink much, so that each chunk has a sizeable member.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// An eStargz image: `big` (3 chunks), `small`, `other`.
+struct Written {
+    big: Vec<u8>,
+    blob: Vec<u8>,
+    tar: Vec<u8>,
+    toc_digest: String,
+    /// The chunks of `big`, in file order.
+    big_chunks: Vec<Chunk>,
+}
+
+fn written() -> Written {
+    let big = noise(3 * CHUNK as usize - 1000, 1);
+    let file = |path: &str, content: &[u8]| {
+        let mut e = IndexEntry::new(path, EntryKind::File, 0o644);
+        e.size = content.len() as u64;
+        (e, content.to_vec())
+    };
+    let w = write_estargz_with(
+        &[
+            (IndexEntry::new("data", EntryKind::Dir, 0o755), Vec::new()),
+            file("data/big", &big),
+            file("data/small", b"small file\n"),
+            file("data/other", &noise(5000, 2)),
+        ],
+        &WriterOptions {
+            chunk_size: CHUNK,
+            landmark: Landmark::NoPrefetch,
+            legacy_footer: false,
+        },
+    );
+    let mut tar = Vec::new();
+    flate2::read::MultiGzDecoder::new(&w.blob[..])
+        .read_to_end(&mut tar)
+        .unwrap();
+    let footer = parse_footer(&w.blob[w.blob.len() - FOOTER_SIZE..]).unwrap();
+    let range = footer.toc_range(w.blob.len() as u64).unwrap();
+    let toc = parse_toc_member(
+        &w.blob[range.start as usize..range.end as usize],
+        Some(&w.toc_digest),
+    )
+    .unwrap();
+    let (index, chunks) = toc.to_layer(footer.toc_offset).unwrap();
+    let data = index
+        .entries
+        .iter()
+        .find(|e| e.path == b"data/big")
+        .and_then(|e| e.data)
+        .unwrap();
+    let big_chunks = chunks.chunks(data).unwrap().to_vec();
+    assert_eq!(big_chunks.len(), 3);
+    Written {
+        big,
+        blob: w.blob,
+        tar,
+        toc_digest: w.toc_digest.to_string(),
+        big_chunks,
+    }
+}
+
+fn push(registry: &Registry, repo: &str, blob: Vec<u8>, w: &Written) -> String {
+    let layer = Layer::from_parts(w.tar.clone(), blob, Compression::Gzip);
+    let digest = layer.digest.clone();
+    let image = ImageBuilder::new(Format::Oci)
+        .layer(layer)
+        .layer_annotation(TOC_DIGEST_ANNOTATION, &w.toc_digest)
+        .build();
+    registry.push_image(repo, "v1", &image);
+    digest
+}
+
+fn layers_state(imagefs: &Imagefs, reference: &str) -> String {
+    let out = imagefs.cmd(["layers", reference]).run();
+    out.assert_success();
+    let text = out.stdout_str();
+    let cols: Vec<&str> = text.trim_end().split('\t').collect();
+    assert_eq!(cols[3], "estargz", "{text}");
+    cols[4].to_owned()
+}
+
+#[test]
+fn a_read_inside_one_chunk_fetches_only_that_chunk_and_remounts_offline() {
+    let registry = Registry::start(Auth::Anonymous);
+    let w = written();
+    let digest = push(&registry, "lazy", w.blob.clone(), &w);
+    let reference = registry.reference("lazy:v1");
+    let imagefs = Imagefs::new();
+    let m = Mount::new(&imagefs, &[], &reference);
+
+    // Listing needs the TOC only: footer + TOC, two small Range reads.
+    assert_eq!(fs::read_dir(m.p("data")).unwrap().count(), 3);
+    let log = registry.wait_for_access_log("footer and TOC", |l| blob_gets(l, &digest).len() >= 2);
+    let gets = blob_gets(&log, &digest);
+    assert_eq!(gets.len(), 2, "{}", registry.log());
+    assert_eq!(gets[0].bytes, FOOTER_SIZE as u64);
+    assert_eq!(layers_state(&imagefs, &reference), "toc-only");
+
+    // A read in the middle of the middle chunk: that chunk, one request.
+    let middle = &w.big_chunks[1];
+    let at = middle.chunk_offset + CHUNK / 2;
+    let mut buf = vec![0u8; 4096];
+    fs::File::open(m.p("data/big"))
+        .unwrap()
+        .read_exact_at(&mut buf, at)
+        .unwrap();
+    assert_eq!(buf, w.big[at as usize..at as usize + 4096]);
+    let log = registry.wait_for_access_log("the chunk", |l| blob_gets(l, &digest).len() >= 3);
+    let gets = blob_gets(&log, &digest);
+    assert_eq!(gets.len(), 3, "{}", registry.log());
+    assert_eq!(gets[2].status, 206);
+    assert_eq!(gets[2].bytes, middle.compressed_len, "{}", registry.log());
+    assert_eq!(
+        layers_state(&imagefs, &reference),
+        format!("partial:{}/{}", CHUNK, w.big.len() + 11 + 5000)
+    );
+
+    // The whole file, and a second file.
+    assert_eq!(fs::read(m.p("data/big")).unwrap(), w.big);
+    assert_eq!(fs::read(m.p("data/small")).unwrap(), b"small file\n");
+    m.unmount();
+
+    // Offline: what was read is local, the rest is EIO.
+    drop(registry);
+    let m = Mount::new(&imagefs, &["--offline"], &reference);
+    assert_eq!(fs::read(m.p("data/big")).unwrap(), w.big);
+    assert_eq!(fs::read(m.p("data/small")).unwrap(), b"small file\n");
+    let err = fs::read(m.p("data/other")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    m.unmount();
+}
+
+#[test]
+fn a_corrupt_chunk_is_eio_and_nothing_is_recorded() {
+    let registry = Registry::start(Auth::Anonymous);
+    let w = written();
+    let bad_chunk = &w.big_chunks[1];
+    let mut bad = w.blob.clone();
+    let mid = (bad_chunk.offset + bad_chunk.compressed_len / 2) as usize;
+    bad[mid] ^= 0xff;
+    push(&registry, "tampered", bad, &w);
+    let reference = registry.reference("tampered:v1");
+    let imagefs = Imagefs::new();
+    let m = Mount::new(&imagefs, &[], &reference);
+
+    let mut buf = vec![0u8; 4096];
+    let big = fs::File::open(m.p("data/big")).unwrap();
+    // The first chunk is intact; the middle one fails verification.
+    big.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, w.big[..4096]);
+    let err = big
+        .read_exact_at(&mut buf, bad_chunk.chunk_offset + CHUNK / 2)
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Again: still EIO (nothing was recorded as present), and other files are fine.
+    let err = big
+        .read_exact_at(&mut buf, bad_chunk.chunk_offset + CHUNK / 2)
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(big);
+    assert_eq!(fs::read(m.p("data/small")).unwrap(), b"small file\n");
+    assert_eq!(
+        layers_state(&imagefs, &reference),
+        format!("partial:{}/{}", CHUNK + 11, w.big.len() + 11 + 5000)
+    );
+    m.unmount();
+}
+
+#[test]
+fn a_toc_digest_mismatch_is_eio_for_the_tree_and_stores_nothing() {
+    let registry = Registry::start(Auth::Anonymous);
+    let mut w = written();
+    w.toc_digest = imagefs::oci::Digest::sha256(b"another toc").to_string();
+    push(&registry, "wrongtoc", w.blob.clone(), &w);
+    let reference = registry.reference("wrongtoc:v1");
+    let imagefs = Imagefs::new();
+    let m = Mount::new(&imagefs, &[], &reference);
+    let err = fs::read_dir(m.p("data")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(layers_state(&imagefs, &reference), "not-cached");
+    m.unmount();
+}
+
+#[test]
+fn concurrent_cold_readers_of_one_chunk_cause_one_request() {
+    let registry = Registry::start(Auth::Anonymous);
+    let w = written();
+    let digest = push(&registry, "flight", w.blob.clone(), &w);
+    let imagefs = Imagefs::new();
+    let m = Mount::new(&imagefs, &[], &registry.reference("flight:v1"));
+    assert_eq!(fs::read_dir(m.p("data")).unwrap().count(), 3);
+
+    let middle = w.big_chunks[1].clone();
+    let barrier = std::sync::Barrier::new(16);
+    std::thread::scope(|s| {
+        for i in 0..16u64 {
+            let (barrier, path, w, middle) = (&barrier, m.p("data/big"), &w, &middle);
+            s.spawn(move || {
+                let f = fs::File::open(path).unwrap();
+                let at = middle.chunk_offset + i * 8192;
+                let mut buf = vec![0u8; 4096];
+                barrier.wait();
+                f.read_exact_at(&mut buf, at).unwrap();
+                assert_eq!(buf, w.big[at as usize..at as usize + 4096], "reader {i}");
+            });
+        }
+    });
+    let log = registry.wait_for_access_log("the chunk", |l| blob_gets(l, &digest).len() >= 3);
+    let gets = blob_gets(&log, &digest);
+    assert_eq!(gets.len(), 3, "footer, TOC, one chunk:\n{}", registry.log());
+    assert_eq!(gets[2].bytes, middle.compressed_len);
+    m.unmount();
+}
+
+#[test]
+fn mixed_images_merge_a_whole_layer_and_a_lazy_one() {
+    let registry = Registry::start(Auth::Anonymous);
+    let w = written();
+    let base = Layer::new(
+        &[
+            Entry::dir("etc"),
+            Entry::file("etc/base", "from the plain layer\n"),
+            Entry::dir("data"),
+            Entry::file("data/big", "shadowed by the eStargz layer"),
+        ],
+        Compression::Gzip,
+    );
+    let base_digest = base.digest.clone();
+    let lazy = Layer::from_parts(w.tar.clone(), w.blob.clone(), Compression::Gzip);
+    let lazy_digest = lazy.digest.clone();
+    let image = ImageBuilder::new(Format::Oci)
+        .layer(base)
+        .layer(lazy)
+        .layer_annotation(TOC_DIGEST_ANNOTATION, &w.toc_digest)
+        .build();
+    registry.push_image("mixed", "v1", &image);
+    let imagefs = Imagefs::new();
+    let m = Mount::new(&imagefs, &[], &registry.reference("mixed:v1"));
+    assert_eq!(
+        fs::read_to_string(m.p("etc/base")).unwrap(),
+        "from the plain layer\n"
+    );
+    assert_eq!(fs::read(m.p("data/big")).unwrap(), w.big);
+    let log = registry.access_log();
+    let plain = blob_gets(&log, &base_digest);
+    assert_eq!(plain.len(), 1, "{}", registry.log());
+    assert_eq!(plain[0].status, 200);
+    assert!(
+        blob_gets(&log, &lazy_digest)
+            .iter()
+            .all(|l| l.status == 206),
+        "{}",
+        registry.log()
+    );
+    m.unmount();
+}
+
+#[test]
+fn prefetch_all_makes_every_file_local_for_offline_remounts() {
+    let registry = Registry::start(Auth::Anonymous);
+    let w = written();
+    push(&registry, "prefetch", w.blob.clone(), &w);
+    let reference = registry.reference("prefetch:v1");
+    let imagefs = Imagefs::new();
+    let m = Mount::new_with(&imagefs, &[], &["--prefetch", "all"], &reference);
+    // Prefetching starts with the tree.
+    assert!(m.p("data/small").is_file());
+    assert!(
+        wait_until(TIMEOUT, || layers_state(&imagefs, &reference) == "local"),
+        "prefetch did not finish: {}\n{}",
+        layers_state(&imagefs, &reference),
+        registry.log()
+    );
+    m.unmount();
+
+    drop(registry);
+    let m = Mount::new(&imagefs, &["--offline"], &reference);
+    assert_eq!(fs::read(m.p("data/big")).unwrap(), w.big);
+    assert_eq!(fs::read(m.p("data/small")).unwrap(), b"small file\n");
+    assert_eq!(fs::read(m.p("data/other")).unwrap(), noise(5000, 2));
+    m.unmount();
+}
