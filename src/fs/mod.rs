@@ -246,10 +246,20 @@ impl Mounted {
             mountpoint,
             unmounter: _,
         } = self;
-        session.run().map_err(|source| FsError::Session {
-            mountpoint: mountpoint.clone(),
-            source,
-        })?;
+        match session.run() {
+            Ok(()) => {}
+            // After an unmount, a worker blocked on its cloned /dev/fuse fd can see the
+            // connection aborted instead of ENODEV (which fuser treats as the normal end).
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+                tracing::debug!(mountpoint = %mountpoint.display(), "connection aborted at unmount");
+            }
+            Err(source) => {
+                return Err(FsError::Session {
+                    mountpoint: mountpoint.clone(),
+                    source,
+                });
+            }
+        }
         tracing::debug!(mountpoint = %mountpoint.display(), "session ended");
         Ok(())
     }
