@@ -2,15 +2,23 @@
 //! whether it is cached (extracted, blob only, or not at all). eStargz layers (those with a TOC
 //! digest annotation) show format `estargz`, and when served lazily, `toc-only` or how many of
 //! their file bytes are local.
+//!
+//! A gzip layer without the annotation is still reported `estargz` when its last 51 bytes
+//! parse as an eStargz footer (one Range request, here only — never when mounting). Such a
+//! layer is nonetheless mounted through the whole-layer path: without the annotation nothing
+//! in the (digest-pinned) manifest vouches for the TOC, so its chunk digests could be forged
+//! by whoever serves the blob, and the blob only proves itself once it was hashed whole
+//! (blob digest, then diff_id) — at which point laziness has nothing left to save.
 
 use std::process::ExitCode;
 
 use clap::Args;
 
-use super::common::{self, Context};
-use crate::layer::estargz::TOC_DIGEST_ANNOTATION;
-use crate::oci::Digest;
-use crate::store::LazyState;
+use super::common::{self, Context, RegistrySource};
+use super::mount::RegistryRanges;
+use crate::layer::estargz::{FOOTER_SIZE, TOC_DIGEST_ANNOTATION, parse_footer};
+use crate::oci::{Compression, Descriptor, Digest};
+use crate::store::{LazyState, RangeSource};
 
 #[derive(Debug, Args)]
 pub struct LayersArgs {
@@ -20,6 +28,7 @@ pub struct LayersArgs {
 pub async fn run(ctx: &Context, args: LayersArgs) -> anyhow::Result<ExitCode> {
     let reference = common::parse_reference(&args.reference)?;
     let r = common::resolve(ctx, &reference).await?;
+    let ranges = RegistryRanges::new(RegistrySource::new(ctx, &reference));
     for (l, diff_id) in r.manifest.layers.iter().zip(&r.config.rootfs.diff_ids) {
         let toc = l
             .annotation(TOC_DIGEST_ANNOTATION)
@@ -45,6 +54,9 @@ pub async fn run(ctx: &Context, args: LayersArgs) -> anyhow::Result<ExitCode> {
         };
         let format = match l.compression() {
             _ if toc.is_some() => "estargz".to_owned(),
+            Ok(Compression::Gzip) if has_estargz_footer(ctx, &ranges, l, diff_id).await => {
+                "estargz".to_owned()
+            }
             Ok(c) => c.as_str().to_owned(),
             Err(_) => "unknown".to_owned(),
         };
@@ -54,4 +66,36 @@ pub async fn run(ctx: &Context, args: LayersArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether the blob of `layer` ends with an eStargz footer: read from the cached blob, else
+/// with one Range request — but not for a layer extracted already (it is served whole anyway,
+/// and a cached image must list without the network). Any failure, e.g. `--offline`, counts
+/// as no.
+async fn has_estargz_footer(
+    ctx: &Context,
+    ranges: &RegistryRanges,
+    layer: &Descriptor,
+    diff_id: &Digest,
+) -> bool {
+    let Some(start) = layer.size.checked_sub(FOOTER_SIZE as u64) else {
+        return false;
+    };
+    if ctx.store.has_blob(&layer.digest) {
+        use std::os::unix::fs::FileExt as _;
+        let mut tail = [0u8; FOOTER_SIZE];
+        return std::fs::File::open(ctx.store.blob_path(&layer.digest))
+            .and_then(|f| f.read_exact_at(&mut tail, start))
+            .is_ok_and(|()| parse_footer(&tail).is_ok());
+    }
+    if ctx.store.has_layer(diff_id) {
+        return false;
+    }
+    match ranges.fetch_range(&layer.digest, start..layer.size).await {
+        Ok(tail) => parse_footer(&tail).is_ok(),
+        Err(e) => {
+            tracing::debug!(digest = %layer.digest, "no eStargz footer read: {e}");
+            false
+        }
+    }
 }

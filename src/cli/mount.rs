@@ -8,7 +8,12 @@
 //! access to anything but the meta files: whole, or — for eStargz layers, recognised by the
 //! `containerd.io/snapshot/stargz/toc.digest` annotation on their descriptor — only their
 //! footer and TOC, each file's chunks then being fetched with Range requests when read.
-//! (Unannotated eStargz layers are fetched whole: footer sniffing is not done.)
+//! With `--prefetch landmark` (the default), that first access also fetches each lazy layer's
+//! prioritised files (the landmark region) with one Range request, and then the rest of the
+//! layer in the background at low priority, as stargz-snapshotter does. Unannotated eStargz
+//! layers are fetched whole: their TOC cannot be verified before the whole blob is (see
+//! `layers`). A registry that ignores Range (200 with the whole body) gets the layer fetched
+//! whole once, through the store, instead of a whole body per chunk.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -56,16 +61,20 @@ pub struct MountArgs {
     /// Do not allow opening device nodes of the image
     #[arg(long)]
     pub nodev: bool,
-    /// What to fetch in the background of eStargz layers once the tree is ready: the files
-    /// before their `.prefetch.landmark`, every file, or nothing (files are fetched when read)
-    #[arg(long, value_enum, default_value_t = Prefetch::None)]
+    /// What to fetch of eStargz layers beyond the files read: `landmark`: at the first access,
+    /// the files before `.prefetch.landmark` (one request per layer), then the rest in the
+    /// background at low priority; `all`: everything in the background; `none`: nothing
+    #[arg(long, value_enum, default_value_t = Prefetch::Landmark)]
     pub prefetch: Prefetch,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Prefetch {
+    /// The landmark region at the first access, then the rest in the background
     Landmark,
+    /// Every file in the background from the first access
     All,
+    /// Only the files read
     None,
 }
 
@@ -186,7 +195,7 @@ fn serve(g: &GlobalOpts, args: &MountArgs, notify: bool) -> anyhow::Result<ExitC
     let source = RegistrySource::new(&ctx, &reference);
     let backend = Arc::new(ImageBackend {
         store: ctx.store.clone(),
-        ranges: Arc::new(RegistryRanges(source.clone())),
+        ranges: Arc::new(RegistryRanges::new(source.clone())),
         source,
         lazy: std::sync::OnceLock::new(),
         prefetch: args.prefetch,
@@ -195,6 +204,8 @@ fn serve(g: &GlobalOpts, args: &MountArgs, notify: bool) -> anyhow::Result<ExitC
         rt: rt.handle().clone(),
         tree: Mutex::new(None),
         building: Mutex::new(()),
+        whole: Mutex::new(std::collections::HashSet::new()),
+        whole_flight: Mutex::new(()),
     });
     let opts = MountOptions {
         fs_name: format!("imagefs:{reference}"),
@@ -270,6 +281,12 @@ struct ImageBackend {
     /// Single flight for the build: the first caller builds, the others wait here and then
     /// find the tree (or try again after a failure, e.g. once the network is back).
     building: Mutex<()>,
+    /// Lazy layers extracted whole because the registry ignored Range: their files are
+    /// copied from the extracted layer. A std Mutex: held for set lookups only.
+    whole: Mutex<std::collections::HashSet<u32>>,
+    /// Single flight for those whole fetches; held across the fetch (a FUSE thread waits for
+    /// the layer anyway).
+    whole_flight: Mutex<()>,
 }
 
 impl ImageBackend {
@@ -297,10 +314,15 @@ impl ImageBackend {
                 });
             let mut results =
                 futures_util::stream::iter(whole).buffer_unordered(super::pull::LAYER_CONCURRENCY);
-            while let Some(r) = results.next().await {
-                r?;
-            }
-            anyhow::Ok(())
+            let landmarks = self.fetch_landmarks(&lazy);
+            let wholes = async {
+                while let Some(r) = results.next().await {
+                    r?;
+                }
+                anyhow::Ok(())
+            };
+            let ((), r) = futures_util::future::join(landmarks, wholes).await;
+            r
         })?;
         let fetched = started.elapsed();
         let mut indexes = Vec::with_capacity(self.diff_ids.len());
@@ -325,19 +347,33 @@ impl ImageBackend {
         Ok(tree)
     }
 
-    /// One background task per lazy layer; they end with the runtime at unmount. Readers
-    /// share their fetches through the layer's single flight.
+    /// With `--prefetch landmark`, each lazy layer's landmark region, one request per layer.
+    /// A failure only costs the prioritised files their head start: they are fetched when
+    /// read.
+    async fn fetch_landmarks(&self, lazy: &[Option<Arc<LazyLayer>>]) {
+        if self.prefetch != Prefetch::Landmark || self.source.offline {
+            return;
+        }
+        let fetches = lazy.iter().flatten().map(|l| async move {
+            if let Err(e) = l.fetch_landmark(&*self.ranges).await {
+                tracing::warn!(digest = %l.digest(), "prefetching the landmark region: {e}");
+            }
+        });
+        futures_util::future::join_all(fetches).await;
+    }
+
+    /// One background task per lazy layer, yielding to readers (see [`LazyLayer::fill`]); they
+    /// end with the runtime at unmount.
     fn start_prefetch(&self) {
-        let all = match self.prefetch {
-            Prefetch::None => return,
-            Prefetch::Landmark => false,
-            Prefetch::All => true,
-        };
+        // Offline, there is nothing to fetch from.
+        if self.prefetch == Prefetch::None || self.source.offline {
+            return;
+        }
         for l in self.lazy.get().into_iter().flatten().flatten() {
             let (l, ranges) = (l.clone(), self.ranges.clone());
             self.rt.spawn(async move {
                 let started = std::time::Instant::now();
-                match l.prefetch(&*ranges, all).await {
+                match l.fill(&*ranges).await {
                     Ok(()) => tracing::info!(
                         digest = %l.digest(),
                         ms = started.elapsed().as_millis() as u64,
@@ -367,11 +403,17 @@ impl ImageBackend {
                     return Ok(None);
                 }
             };
-            let l = self
+            let l = match self
                 .store
                 .lazy_layer(&*self.ranges, &desc.digest, desc.size, &toc)
                 .await
-                .with_context(|| format!("layer {}", desc.digest))?;
+            {
+                Err(_) if self.ranges.ignored(&desc.digest) => {
+                    tracing::warn!(digest = %desc.digest, "the registry ignores Range: fetching the layer whole");
+                    return Ok(None);
+                }
+                l => l.with_context(|| format!("layer {}", desc.digest))?,
+            };
             anyhow::Ok(l.map(Arc::new))
         });
         futures_util::future::try_join_all(attempts).await
@@ -379,6 +421,30 @@ impl ImageBackend {
 
     fn lazy_layer(&self, layer: u32) -> Option<&Arc<LazyLayer>> {
         self.lazy.get()?.get(layer as usize)?.as_ref()
+    }
+
+    /// Serve a file of lazy layer `layer` from the layer fetched whole (once, through the
+    /// store: blob digest and diff_id verified), for a registry that ignores Range.
+    fn ensure_from_whole(&self, layer: u32, l: &LazyLayer, data: DataRef) -> anyhow::Result<()> {
+        let diff_id = &self.diff_ids[layer as usize];
+        if !self.whole.lock().expect("whole lock").contains(&layer) {
+            let _flight = self.whole_flight.lock().expect("whole flight lock");
+            if !self.whole.lock().expect("whole lock").contains(&layer) {
+                let jobs = super::pull::layer_jobs(&self.resolved)?;
+                let job = &jobs[layer as usize];
+                let progress = Reporter::Quiet.layer(common::short(&job.digest), job.size);
+                let source: Arc<dyn BlobSource> = self.source.clone();
+                self.rt
+                    .block_on(self.store.ensure_layer(source, job, progress))
+                    .with_context(|| format!("layer {}", job.digest))?;
+                self.whole.lock().expect("whole lock").insert(layer);
+            }
+        }
+        let path = self.store.data_path(diff_id, data);
+        let content =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        l.fill_from(data, &content)?;
+        Ok(())
     }
 }
 
@@ -422,14 +488,48 @@ impl Backend for ImageBackend {
         let Some(l) = self.lazy_layer(layer) else {
             return Ok(());
         };
-        self.rt
-            .block_on(l.ensure(&*self.ranges, data, offset..offset.saturating_add(len)))
-            .map_err(|e| BackendError::new(format!("{e} (file bytes {offset}+{len})")))
+        if !self.ranges.ignored(l.digest()) {
+            match self.rt.block_on(l.ensure(
+                &*self.ranges,
+                data,
+                offset..offset.saturating_add(len),
+            )) {
+                Ok(()) => return Ok(()),
+                Err(_) if self.ranges.ignored(l.digest()) => {}
+                Err(e) => {
+                    return Err(BackendError::new(format!(
+                        "{e} (file bytes {offset}+{len})"
+                    )));
+                }
+            }
+        }
+        self.ensure_from_whole(layer, l, data)
+            .map_err(|e| BackendError::new(super::error_line(&e)))
     }
 }
 
-/// Blob ranges from the registry, for eStargz layers.
-struct RegistryRanges(Arc<RegistrySource>);
+/// Blob ranges from the registry, for eStargz layers. A registry that answers a Range request
+/// with the whole body (200) has the blob remembered and every later range of it refused
+/// without a request: the caller fetches such a layer whole instead of once per chunk.
+pub(super) struct RegistryRanges {
+    source: Arc<RegistrySource>,
+    /// Blobs whose registry ignored Range. A std Mutex: held for set operations only.
+    ignored: Mutex<std::collections::HashSet<Digest>>,
+}
+
+impl RegistryRanges {
+    pub(super) fn new(source: Arc<RegistrySource>) -> RegistryRanges {
+        RegistryRanges {
+            source,
+            ignored: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+
+    /// Whether the registry answered a Range request for `digest` with the whole blob.
+    fn ignored(&self, digest: &Digest) -> bool {
+        self.ignored.lock().expect("ignored lock").contains(digest)
+    }
+}
 
 impl RangeSource for RegistryRanges {
     fn fetch_range<'a>(
@@ -441,7 +541,12 @@ impl RangeSource for RegistryRanges {
     > {
         Box::pin(async move {
             use futures_util::StreamExt as _;
-            let s = &self.0;
+            let s = &self.source;
+            let ignored =
+                || format!("the registry ignores Range requests for blob {digest}: fetch it whole");
+            if self.ignored(digest) {
+                return Err(ignored().into());
+            }
             if s.offline {
                 return Err(format!(
                     "bytes {}..{} of blob {digest} are not in the cache and --offline is set",
@@ -462,8 +567,16 @@ impl RangeSource for RegistryRanges {
                     Some(range.end - 1),
                 )
                 .await?;
-            // A registry that ignores Range sends the blob from 0: skip to the range.
-            let mut skip = range.start.saturating_sub(b.start);
+            // A registry that ignores Range sends the blob from 0: dropping the body closes
+            // the connection rather than downloading it all once per chunk. (A range from 0,
+            // like the landmark region, is served right either way: its bytes come first.)
+            if b.start != range.start {
+                self.ignored
+                    .lock()
+                    .expect("ignored lock")
+                    .insert(digest.clone());
+                return Err(ignored().into());
+            }
             let len = (range.end - range.start) as usize;
             let mut out = Vec::with_capacity(len);
             let mut body = b.body;
@@ -472,10 +585,8 @@ impl RangeSource for RegistryRanges {
                     break;
                 };
                 let bytes = bytes?;
-                let from = (skip as usize).min(bytes.len());
-                skip -= from as u64;
-                let take = (bytes.len() - from).min(len - out.len());
-                out.extend_from_slice(&bytes[from..from + take]);
+                let take = bytes.len().min(len - out.len());
+                out.extend_from_slice(&bytes[..take]);
             }
             Ok(out)
         })

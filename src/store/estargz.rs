@@ -23,6 +23,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -76,7 +77,27 @@ pub struct LazyLayer {
     /// async lock: it is held across the fetch); others wait and then find the chunks present.
     /// The map itself is behind a std Mutex held only to clone the Arc.
     fetching: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
+    /// Foreground [`LazyLayer::ensure`] calls with chunks to fetch: the background fill waits
+    /// while this is not zero, so that it never competes with a reader for the link.
+    foreground: AtomicUsize,
+    /// Signalled when `foreground` drops to zero.
+    idle: tokio::sync::Notify,
 }
+
+/// Counts one foreground fetch for as long as it lives.
+struct Foreground<'a>(&'a LazyLayer);
+
+impl Drop for Foreground<'_> {
+    fn drop(&mut self) {
+        if self.0.foreground.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Most compressed bytes the background fill asks for in one request: small enough that a
+/// reader arriving meanwhile shares the link with at most one such batch.
+pub const FILL_BATCH: u64 = 2 << 20;
 
 impl Store {
     /// Where the lazy state of eStargz blob `blob` lives.
@@ -223,6 +244,8 @@ impl LazyLayer {
             present: Mutex::new(present),
             log,
             fetching: Mutex::new(HashMap::new()),
+            foreground: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
         })
     }
 
@@ -300,6 +323,7 @@ impl LazyLayer {
         if self.missing(data, range.clone()).is_empty() {
             return Ok(());
         }
+        let _foreground = self.foreground();
         let lock = self
             .fetching
             .lock()
@@ -313,6 +337,81 @@ impl LazyLayer {
             return Ok(());
         }
         let chunks = self.chunks.chunks(data).unwrap_or_default();
+        for run in runs(chunks, &missing) {
+            let wanted: Vec<(DataRef, u32)> = run.map(|n| (data, n)).collect();
+            self.fetch_chunks(source, &wanted).await?;
+        }
+        Ok(())
+    }
+
+    fn foreground(&self) -> Foreground<'_> {
+        self.foreground.fetch_add(1, Ordering::SeqCst);
+        Foreground(self)
+    }
+
+    /// Fetch `wanted` (chunks in blob order) with one Range request spanning them all, and
+    /// verify, write and record each.
+    async fn fetch_chunks(
+        &self,
+        source: &dyn RangeSource,
+        wanted: &[(DataRef, u32)],
+    ) -> Result<(), StoreError> {
+        let chunk =
+            |&(data, n): &(DataRef, u32)| &self.chunks.chunks(data).unwrap_or_default()[n as usize];
+        let (Some(first), Some(last)) = (wanted.first(), wanted.last()) else {
+            return Ok(());
+        };
+        let span = chunk(first).offset..chunk(last).compressed_range().end;
+        let bytes = self.fetch_span(source, span.clone()).await?;
+        for w in wanted {
+            let c = chunk(w);
+            let at = (c.offset - span.start) as usize;
+            self.store_chunk(w.0, w.1, &bytes[at..at + c.compressed_len as usize])?;
+        }
+        Ok(())
+    }
+
+    async fn fetch_span(
+        &self,
+        source: &dyn RangeSource,
+        span: Range<u64>,
+    ) -> Result<Vec<u8>, StoreError> {
+        let bytes = source
+            .fetch_range(&self.digest, span.clone())
+            .await
+            .map_err(|source| StoreError::Source {
+                digest: self.digest.clone(),
+                source,
+            })?;
+        if bytes.len() as u64 != span.end - span.start {
+            return Err(StoreError::Layer {
+                digest: self.digest.clone(),
+                message: format!(
+                    "asked for bytes {}..{}, got {}",
+                    span.start,
+                    span.end,
+                    bytes.len()
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Decode and verify chunk `n` of a file from its `compressed` member, write it into the
+    /// data file and record it. A chunk that fails verification is neither written nor
+    /// recorded. Writing a chunk twice (a reader and the background fill racing) writes the
+    /// same verified bytes.
+    fn store_chunk(&self, data: DataRef, n: u32, compressed: &[u8]) -> Result<(), StoreError> {
+        let c = &self.chunks.chunks(data).unwrap_or_default()[n as usize];
+        let plain = decode_chunk(compressed, c).map_err(|e| StoreError::Layer {
+            digest: self.digest.clone(),
+            message: format!("file {} chunk {n}: {e}", data.id),
+        })?;
+        self.write_chunk(data, n, &plain)
+    }
+
+    fn write_chunk(&self, data: DataRef, n: u32, plain: &[u8]) -> Result<(), StoreError> {
+        let c = &self.chunks.chunks(data).unwrap_or_default()[n as usize];
         let path = self.data_path(data);
         let file = OpenOptions::new()
             .create(true)
@@ -320,82 +419,142 @@ impl LazyLayer {
             .write(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        for run in runs(chunks, &missing) {
-            let first = &chunks[run.start as usize];
-            let last = &chunks[run.end as usize - 1];
-            let span = first.offset..last.compressed_range().end;
-            let bytes = source
-                .fetch_range(&self.digest, span.clone())
-                .await
-                .map_err(|source| StoreError::Source {
-                    digest: self.digest.clone(),
-                    source,
-                })?;
-            if bytes.len() as u64 != span.end - span.start {
-                return Err(StoreError::Layer {
-                    digest: self.digest.clone(),
-                    message: format!(
-                        "asked for bytes {}..{}, got {}",
-                        span.start,
-                        span.end,
-                        bytes.len()
-                    ),
-                });
-            }
-            for n in run {
-                let c = &chunks[n as usize];
-                let at = (c.offset - span.start) as usize;
-                let compressed = &bytes[at..at + c.compressed_len as usize];
-                let plain = decode_chunk(compressed, c).map_err(|e| StoreError::Layer {
-                    digest: self.digest.clone(),
-                    message: format!("file {} chunk {n}: {e}", data.id),
-                })?;
-                file.write_all_at(&plain, c.chunk_offset)
-                    .and_then(|()| file.sync_data())
-                    .map_err(io_err(&path))?;
-                let mut record = [0u8; RECORD];
-                record[..4].copy_from_slice(&data.id.to_le_bytes());
-                record[4..].copy_from_slice(&n.to_le_bytes());
-                let log_path = self.dir.join("present");
-                (&self.log)
-                    .write_all(&record)
-                    .and_then(|()| self.log.sync_data())
-                    .map_err(io_err(&log_path))?;
-                self.present
-                    .lock()
-                    .expect("present lock")
-                    .insert((data.id, n));
-            }
+        file.write_all_at(plain, c.chunk_offset)
+            .and_then(|()| file.sync_data())
+            .map_err(io_err(&path))?;
+        let mut record = [0u8; RECORD];
+        record[..4].copy_from_slice(&data.id.to_le_bytes());
+        record[4..].copy_from_slice(&n.to_le_bytes());
+        let log_path = self.dir.join("present");
+        (&self.log)
+            .write_all(&record)
+            .and_then(|()| self.log.sync_data())
+            .map_err(io_err(&log_path))?;
+        self.present
+            .lock()
+            .expect("present lock")
+            .insert((data.id, n));
+        Ok(())
+    }
+
+    /// Offset of `.prefetch.landmark`, when the layer has prioritised files.
+    pub fn landmark(&self) -> Option<u64> {
+        self.prefetch_end
+    }
+
+    /// Make the prioritised files local: the landmark region `[0, landmark)` with ONE Range
+    /// request (as stargz-snapshotter does), each chunk in it verified and recorded. Nothing
+    /// is fetched when the layer has no landmark or the region is local already.
+    pub async fn fetch_landmark(&self, source: &dyn RangeSource) -> Result<(), StoreError> {
+        let Some(end) = self.prefetch_end else {
+            return Ok(());
+        };
+        let wanted: Vec<(DataRef, u32, estargz::Chunk)> = self
+            .missing_in_blob_order()
+            .into_iter()
+            .filter(|(_, _, c)| c.compressed_range().end <= end)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let _foreground = self.foreground();
+        let bytes = self.fetch_span(source, 0..end).await?;
+        for (data, n, c) in wanted {
+            let compressed = &bytes[c.offset as usize..c.compressed_range().end as usize];
+            self.store_chunk(data, n, compressed)?;
         }
         Ok(())
     }
 
-    /// Fetch the prioritised files (those before `.prefetch.landmark`), or with `all` every
-    /// file, in blob order; stops at the first failure.
-    pub async fn prefetch(&self, source: &dyn RangeSource, all: bool) -> Result<(), StoreError> {
-        let end = match (all, self.prefetch_end) {
-            (true, _) => u64::MAX,
-            (false, Some(end)) => end,
-            (false, None) => return Ok(()),
+    /// Make every file local, in blob order, in requests of at most [`FILL_BATCH`] bytes;
+    /// before each request, wait until no foreground [`LazyLayer::ensure`] is fetching, so
+    /// that readers never queue behind it. Stops at the first failure.
+    pub async fn fill(&self, source: &dyn RangeSource) -> Result<(), StoreError> {
+        let missing = self.missing_in_blob_order();
+        let mut batch: Vec<(DataRef, u32)> = Vec::new();
+        let mut start = 0;
+        for (data, n, c) in missing {
+            if let Some(&(d, m)) = batch.last() {
+                let last = &self.chunks.chunks(d).unwrap_or_default()[m as usize];
+                if c.compressed_range().end - start > FILL_BATCH
+                    || last.compressed_range().end > c.offset
+                {
+                    self.fill_batch(source, &batch).await?;
+                    batch.clear();
+                }
+            }
+            if batch.is_empty() {
+                start = c.offset;
+            }
+            batch.push((data, n));
+        }
+        self.fill_batch(source, &batch).await
+    }
+
+    async fn fill_batch(
+        &self,
+        source: &dyn RangeSource,
+        batch: &[(DataRef, u32)],
+    ) -> Result<(), StoreError> {
+        self.yield_to_foreground().await;
+        // A reader may have fetched some of them meanwhile.
+        let still: Vec<(DataRef, u32)> = {
+            let present = self.present.lock().expect("present lock");
+            batch
+                .iter()
+                .copied()
+                .filter(|(d, n)| !present.contains(&(d.id, *n)))
+                .collect()
         };
-        let mut targets: Vec<(u64, DataRef, Range<u64>)> = self
-            .chunks
-            .iter()
-            .filter_map(|(data, chunks)| {
-                let first = chunks.first().filter(|c| c.offset < end)?;
-                let last = chunks.iter().rev().find(|c| c.offset < end)?;
-                Some((
-                    first.offset,
-                    data,
-                    first.chunk_offset..last.file_range().end,
-                ))
-            })
-            .collect();
-        targets.sort_by_key(|t| t.0);
-        for (_, data, range) in targets {
-            self.ensure(source, data, range).await?;
+        self.fetch_chunks(source, &still).await
+    }
+
+    async fn yield_to_foreground(&self) {
+        loop {
+            // Created before the check: a `notify_waiters` after the check still wakes it.
+            let idle = self.idle.notified();
+            if self.foreground.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// Make a file local from its plain content, taken from the layer extracted whole (which
+    /// was verified by blob digest and diff_id): for registries that ignore Range.
+    pub fn fill_from(&self, data: DataRef, content: &File) -> Result<(), StoreError> {
+        let chunks = self.chunks.chunks(data).unwrap_or_default();
+        let missing = self.missing(data, 0..u64::MAX);
+        for n in missing {
+            let c = &chunks[n as usize];
+            let mut plain = vec![0u8; c.chunk_size as usize];
+            content
+                .read_exact_at(&mut plain, c.chunk_offset)
+                .map_err(|e| StoreError::Layer {
+                    digest: self.digest.clone(),
+                    message: format!("reading file {} of the extracted layer: {e}", data.id),
+                })?;
+            self.write_chunk(data, n, &plain)?;
         }
         Ok(())
+    }
+
+    /// Every chunk not local, in blob order.
+    fn missing_in_blob_order(&self) -> Vec<(DataRef, u32, estargz::Chunk)> {
+        let present = self.present.lock().expect("present lock");
+        let mut out: Vec<(DataRef, u32, estargz::Chunk)> = self
+            .chunks
+            .iter()
+            .flat_map(|(data, chunks)| {
+                chunks
+                    .iter()
+                    .enumerate()
+                    .map(move |(n, c)| (data, n as u32, c.clone()))
+            })
+            .filter(|(d, n, _)| !present.contains(&(d.id, *n)))
+            .collect();
+        out.sort_by_key(|(_, _, c)| c.offset);
+        out
     }
 
     /// Numbers of the chunks overlapping `range` that are not local, ascending.
@@ -606,10 +765,7 @@ mod tests {
         assert_eq!(l.state().local, 0);
     }
 
-    #[tokio::test]
-    async fn prefetch_takes_the_prioritised_files_or_all() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+    fn with_landmark() -> (Vec<u8>, Digest, Digest) {
         let mut f = Entry::new("big", EntryKind::File, 0o644);
         f.size = big().len() as u64;
         let mut s = Entry::new("small", EntryKind::File, 0o644);
@@ -623,21 +779,67 @@ mod tests {
             },
         );
         let digest = Digest::sha256(&w.blob);
+        (w.blob, digest, w.toc_digest)
+    }
+
+    #[tokio::test]
+    async fn the_landmark_region_is_one_request_and_fill_takes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (blob, digest, toc) = with_landmark();
         let src = MemRanges {
-            blob: w.blob.clone(),
+            blob: blob.clone(),
             requests: Mutex::new(Vec::new()),
             fail: AtomicUsize::new(0),
         };
         let l = store
-            .lazy_layer(&src, &digest, w.blob.len() as u64, &w.toc_digest)
+            .lazy_layer(&src, &digest, blob.len() as u64, &toc)
             .await
             .unwrap()
             .unwrap();
-        l.prefetch(&src, false).await.unwrap();
+        let end = l.landmark().unwrap();
+        l.fetch_landmark(&src).await.unwrap();
+        assert_eq!(src.requests.lock().unwrap().len(), 3);
+        assert_eq!(src.requests.lock().unwrap()[2], 0..end);
         assert!(l.is_complete(data_of(&l, "big")));
         assert!(!l.is_complete(data_of(&l, "small")));
-        l.prefetch(&src, true).await.unwrap();
-        assert!(l.is_complete(data_of(&l, "small")));
+        // Again: the region is local, nothing is fetched.
+        l.fetch_landmark(&src).await.unwrap();
+        assert_eq!(src.requests.lock().unwrap().len(), 3);
+        l.fill(&src).await.unwrap();
+        assert_eq!(src.requests.lock().unwrap().len(), 4, "small: one request");
+        assert_eq!(l.state().local, l.state().total);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn fill_waits_while_a_reader_is_fetching() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (blob, digest, toc) = sample();
+        let src = Arc::new(MemRanges {
+            blob: blob.clone(),
+            requests: Mutex::new(Vec::new()),
+            fail: AtomicUsize::new(0),
+        });
+        let l = Arc::new(
+            store
+                .lazy_layer(&*src, &digest, blob.len() as u64, &toc)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+        let reader = l.foreground();
+        let filler = {
+            let (l, src) = (l.clone(), src.clone());
+            tokio::spawn(async move { l.fill(&*src).await })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(src.requests.lock().unwrap().len(), 2, "only footer and TOC");
+        assert!(!filler.is_finished());
+        drop(reader);
+        filler.await.unwrap().unwrap();
         assert_eq!(l.state().local, l.state().total);
     }
 

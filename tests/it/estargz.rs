@@ -1,10 +1,14 @@
 //! File-granular laziness: mounting an eStargz image (a layer whose descriptor carries the
 //! `toc.digest` annotation) fetches only its footer and TOC; reading a file fetches only that
-//! file's chunks, verified; what was read survives an offline remount.
+//! file's chunks, verified; what was read survives an offline remount. By default the first
+//! access also fetches the landmark region with one request, then the rest in the background.
+//! Tests that count bytes pass `--prefetch none`.
 
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use imagefs::layer::estargz::testing::{Landmark, WriterOptions, write_estargz_with};
 use imagefs::layer::estargz::{
@@ -13,6 +17,7 @@ use imagefs::layer::estargz::{
 use imagefs::layer::index::{Entry as IndexEntry, EntryKind};
 
 use crate::mount::{rootfs_lines, walk_mount};
+use crate::support::adversary::{Adversary, Recorded, Reply};
 use crate::support::mounts::{Mount, TIMEOUT, wait_until};
 use crate::support::{
     AccessLine, Auth, Compression, Entry, Format, ImageBuilder, Imagefs, Layer, Registry,
@@ -22,6 +27,9 @@ use crate::support::{
 /// Chunk size of the written images: big enough that kernel readahead inside the middle
 /// chunk of a file stays inside it.
 const CHUNK: u64 = 256 << 10;
+
+/// Mount flags for a mount that fetches only what is read.
+const NO_PREFETCH: &[&str] = &["--prefetch", "none"];
 
 /// (digest, size) of every layer of the mounted image, from `.manifest.json` (a meta file:
 /// reading it fetches nothing).
@@ -53,9 +61,10 @@ fn check_estargz_fixture(archive: &str, tag: &str) {
     let registry = Registry::start(Auth::Anonymous);
     skopeo_copy_fixture(&fixture_path(archive), &registry, &format!("busybox:{tag}"));
     let imagefs = Imagefs::new();
-    let m = Mount::new(
+    let m = Mount::new_with(
         &imagefs,
         &[],
+        NO_PREFETCH,
         &registry.reference(&format!("busybox:{tag}")),
     );
     let layers = layers_of(&m);
@@ -208,7 +217,7 @@ fn a_read_inside_one_chunk_fetches_only_that_chunk_and_remounts_offline() {
     let digest = push(&registry, "lazy", w.blob.clone(), &w);
     let reference = registry.reference("lazy:v1");
     let imagefs = Imagefs::new();
-    let m = Mount::new(&imagefs, &[], &reference);
+    let m = Mount::new_with(&imagefs, &[], NO_PREFETCH, &reference);
 
     // Listing needs the TOC only: footer + TOC, two small Range reads.
     assert_eq!(fs::read_dir(m.p("data")).unwrap().count(), 3);
@@ -263,7 +272,7 @@ fn a_corrupt_chunk_is_eio_and_nothing_is_recorded() {
     push(&registry, "tampered", bad, &w);
     let reference = registry.reference("tampered:v1");
     let imagefs = Imagefs::new();
-    let m = Mount::new(&imagefs, &[], &reference);
+    let m = Mount::new_with(&imagefs, &[], NO_PREFETCH, &reference);
 
     let mut buf = vec![0u8; 4096];
     let big = fs::File::open(m.p("data/big")).unwrap();
@@ -296,7 +305,7 @@ fn a_toc_digest_mismatch_is_eio_for_the_tree_and_stores_nothing() {
     push(&registry, "wrongtoc", w.blob.clone(), &w);
     let reference = registry.reference("wrongtoc:v1");
     let imagefs = Imagefs::new();
-    let m = Mount::new(&imagefs, &[], &reference);
+    let m = Mount::new_with(&imagefs, &[], NO_PREFETCH, &reference);
     let err = fs::read_dir(m.p("data")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert_eq!(layers_state(&imagefs, &reference), "not-cached");
@@ -309,7 +318,7 @@ fn concurrent_cold_readers_of_one_chunk_cause_one_request() {
     let w = written();
     let digest = push(&registry, "flight", w.blob.clone(), &w);
     let imagefs = Imagefs::new();
-    let m = Mount::new(&imagefs, &[], &registry.reference("flight:v1"));
+    let m = Mount::new_with(&imagefs, &[], NO_PREFETCH, &registry.reference("flight:v1"));
     assert_eq!(fs::read_dir(m.p("data")).unwrap().count(), 3);
 
     let middle = w.big_chunks[1].clone();
@@ -357,7 +366,7 @@ fn mixed_images_merge_a_whole_layer_and_a_lazy_one() {
         .build();
     registry.push_image("mixed", "v1", &image);
     let imagefs = Imagefs::new();
-    let m = Mount::new(&imagefs, &[], &registry.reference("mixed:v1"));
+    let m = Mount::new_with(&imagefs, &[], NO_PREFETCH, &registry.reference("mixed:v1"));
     assert_eq!(
         fs::read_to_string(m.p("etc/base")).unwrap(),
         "from the plain layer\n"
@@ -401,4 +410,225 @@ fn prefetch_all_makes_every_file_local_for_offline_remounts() {
     assert_eq!(fs::read(m.p("data/small")).unwrap(), b"small file\n");
     assert_eq!(fs::read(m.p("data/other")).unwrap(), noise(5000, 2));
     m.unmount();
+}
+
+/// `imagefs layers` rows as (format, state).
+fn layer_states(imagefs: &Imagefs, reference: &str, global: &[&str]) -> Vec<(String, String)> {
+    let out = imagefs.cmd(global).arg("layers").arg(reference).run();
+    out.assert_success();
+    out.stdout_str()
+        .lines()
+        .map(|line| {
+            let cols: Vec<&str> = line.split('\t').collect();
+            (cols[3].to_owned(), cols[4].to_owned())
+        })
+        .collect()
+}
+
+/// Offset of `.prefetch.landmark` in layer 1 of the optimised fixture (fixtures README).
+const OPT_LANDMARK: u64 = 1_063_890;
+
+#[test]
+fn the_default_prefetch_takes_the_landmark_region_in_one_request_then_the_rest() {
+    let registry = Registry::start(Auth::Anonymous);
+    skopeo_copy_fixture(
+        &fixture_path("busybox-estargz-opt.oci.tar"),
+        &registry,
+        "busybox:estargz-opt",
+    );
+    let reference = registry.reference("busybox:estargz-opt");
+    let imagefs = Imagefs::new();
+    let m = Mount::new(&imagefs, &[], &reference);
+    let layers = layers_of(&m);
+    // Meta files do not count as an access: no layer blob was asked for.
+    let log = registry.access_log();
+    for (d, _) in &layers {
+        assert!(blob_gets(&log, d).is_empty(), "{}", registry.log());
+    }
+
+    let os_release = fs::read_to_string(m.p("etc/os-release")).unwrap();
+    assert!(os_release.contains("NAME="), "{os_release:?}");
+    let first = &layers[0].0;
+    let log = registry.wait_for_access_log("footer, TOC, landmark region", |l| {
+        blob_gets(l, first).len() >= 3
+    });
+    let gets = blob_gets(&log, first);
+    // Footer, TOC, then the landmark region [0, 1063890), all before the background fill.
+    assert_eq!(gets[0].bytes, FOOTER_SIZE as u64, "{}", registry.log());
+    assert_eq!(gets[2].bytes, OPT_LANDMARK, "{}", registry.log());
+    assert!(gets.iter().all(|g| g.status == 206), "{}", registry.log());
+    assert_eq!(
+        gets.iter().filter(|g| g.bytes == OPT_LANDMARK).count(),
+        1,
+        "{}",
+        registry.log()
+    );
+
+    // The background fill makes every layer local.
+    let all_local = || {
+        layer_states(&imagefs, &reference, &[])
+            .iter()
+            .all(|(f, s)| f == "estargz" && (s == "local" || s == "toc-only"))
+    };
+    assert!(
+        wait_until(TIMEOUT, all_local),
+        "{:?}\n{}",
+        layer_states(&imagefs, &reference, &[]),
+        registry.log()
+    );
+    assert_eq!(layer_states(&imagefs, &reference, &[])[0].1, "local");
+    m.unmount();
+
+    // Offline, everything reads.
+    drop(registry);
+    let m = Mount::new(&imagefs, &["--offline"], &reference);
+    let got = rootfs_lines(&walk_mount(&m));
+    let want: Vec<String> = fs::read_to_string(fixture_path("expected-rootfs.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(got.join("\n"), want.join("\n"));
+    m.unmount();
+}
+
+/// The `Range` header's `bytes=A-B`, as `A..B+1`.
+fn requested_range(r: &Recorded) -> Option<std::ops::Range<usize>> {
+    let (a, b) = r.header("range")?.strip_prefix("bytes=")?.split_once('-')?;
+    Some(a.parse().ok()?..b.parse::<usize>().ok()? + 1)
+}
+
+#[test]
+fn a_registry_that_stops_honouring_range_gets_the_layer_fetched_whole_once() {
+    let w = written();
+    let layer = Layer::from_parts(w.tar.clone(), w.blob.clone(), Compression::Gzip);
+    let digest = layer.digest.clone();
+    let image = ImageBuilder::new(Format::Oci)
+        .layer(layer)
+        .layer_annotation(TOC_DIGEST_ANNOTATION, &w.toc_digest)
+        .build();
+    let (manifest, config) = (image.manifest.clone(), image.config.clone());
+    let blob = w.blob.clone();
+    let layer_gets = Arc::new(AtomicUsize::new(0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let counter = layer_gets.clone();
+    let layer_route = format!("/v2/lazy/blobs/{digest}");
+    let adv = rt.block_on(Adversary::start(move |r| {
+        let route = r.route();
+        if route == "/v2/" {
+            Reply::json(serde_json::json!({}))
+        } else if route.starts_with("/v2/lazy/manifests/") {
+            Reply::ok(manifest.bytes.clone()).header("content-type", &manifest.media_type)
+        } else if route == format!("/v2/lazy/blobs/{}", config.digest) {
+            Reply::ok(config.bytes.clone())
+        } else if route == layer_route && r.method == "GET" {
+            // Footer and TOC as asked; from then on the whole blob, whatever the Range.
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            match requested_range(r) {
+                Some(range) if n < 2 => Reply::status(206)
+                    .header(
+                        "content-range",
+                        &format!("bytes {}-{}/{}", range.start, range.end - 1, blob.len()),
+                    )
+                    .body(blob[range].to_vec()),
+                _ => Reply::ok(blob.clone()),
+            }
+        } else {
+            Reply::error(404, "NOT_FOUND", "not here")
+        }
+    }));
+    let reference = format!("{}/lazy:v1", adv.host());
+    let imagefs = Imagefs::new();
+    let m = Mount::new_with(&imagefs, &[], NO_PREFETCH, &reference);
+    assert_eq!(fs::read(m.p("data/big")).unwrap(), w.big);
+    assert_eq!(fs::read(m.p("data/small")).unwrap(), b"small file\n");
+    assert_eq!(fs::read(m.p("data/other")).unwrap(), noise(5000, 2));
+    // Footer, TOC, the chunk request answered whole, then one whole fetch: not one per chunk.
+    assert_eq!(layer_gets.load(Ordering::SeqCst), 4);
+    m.unmount();
+    drop(adv);
+}
+
+#[test]
+fn a_registry_that_ignores_range_from_the_start_gets_the_layer_fetched_whole() {
+    let w = written();
+    let layer = Layer::from_parts(w.tar.clone(), w.blob.clone(), Compression::Gzip);
+    let digest = layer.digest.clone();
+    let image = ImageBuilder::new(Format::Oci)
+        .layer(layer)
+        .layer_annotation(TOC_DIGEST_ANNOTATION, &w.toc_digest)
+        .build();
+    let (manifest, config) = (image.manifest.clone(), image.config.clone());
+    let blob = w.blob.clone();
+    let layer_gets = Arc::new(AtomicUsize::new(0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let counter = layer_gets.clone();
+    let layer_route = format!("/v2/lazy/blobs/{digest}");
+    let adv = rt.block_on(Adversary::start(move |r| {
+        let route = r.route();
+        if route == "/v2/" {
+            Reply::json(serde_json::json!({}))
+        } else if route.starts_with("/v2/lazy/manifests/") {
+            Reply::ok(manifest.bytes.clone()).header("content-type", &manifest.media_type)
+        } else if route == format!("/v2/lazy/blobs/{}", config.digest) {
+            Reply::ok(config.bytes.clone())
+        } else if route == layer_route && r.method == "GET" {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Reply::ok(blob.clone())
+        } else {
+            Reply::error(404, "NOT_FOUND", "not here")
+        }
+    }));
+    let reference = format!("{}/lazy:v1", adv.host());
+    let imagefs = Imagefs::new();
+    let m = Mount::new(&imagefs, &[], &reference);
+    assert_eq!(fs::read(m.p("data/big")).unwrap(), w.big);
+    assert_eq!(fs::read(m.p("data/other")).unwrap(), noise(5000, 2));
+    // The footer request answered whole, then the layer once through the store.
+    assert_eq!(layer_gets.load(Ordering::SeqCst), 2);
+    m.unmount();
+    drop(adv);
+}
+
+#[test]
+fn an_unannotated_estargz_layer_is_listed_as_estargz_but_mounted_whole() {
+    let registry = Registry::start(Auth::Anonymous);
+    let w = written();
+    let layer = Layer::from_parts(w.tar.clone(), w.blob.clone(), Compression::Gzip);
+    let digest = layer.digest.clone();
+    let image = ImageBuilder::new(Format::Oci).layer(layer).build();
+    registry.push_image("plain", "v1", &image);
+    let reference = registry.reference("plain:v1");
+    let imagefs = Imagefs::new();
+    assert_eq!(
+        layer_states(&imagefs, &reference, &[]),
+        [("estargz".to_owned(), "not-cached".to_owned())]
+    );
+    let log = registry.wait_for_access_log("the footer", |l| !blob_gets(l, &digest).is_empty());
+    let gets = blob_gets(&log, &digest);
+    assert_eq!(gets.len(), 1, "{}", registry.log());
+    assert_eq!(
+        (gets[0].status, gets[0].bytes),
+        (206, FOOTER_SIZE as u64),
+        "{}",
+        registry.log()
+    );
+
+    let m = Mount::new(&imagefs, &[], &reference);
+    assert_eq!(fs::read(m.p("data/small")).unwrap(), b"small file\n");
+    let log = registry.wait_for_access_log("the blob", |l| blob_gets(l, &digest).len() >= 2);
+    let gets = blob_gets(&log, &digest);
+    assert_eq!(gets.len(), 2, "{}", registry.log());
+    assert_eq!(
+        (gets[1].status, gets[1].bytes),
+        (200, w.blob.len() as u64),
+        "{}",
+        registry.log()
+    );
+    m.unmount();
+    // Once cached, the footer is read from the cached blob, offline.
+    assert_eq!(
+        layer_states(&imagefs, &reference, &["--offline"]),
+        [("estargz".to_owned(), "cached".to_owned())]
+    );
 }

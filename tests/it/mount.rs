@@ -1264,13 +1264,29 @@ fn first_read_waits_for_every_layer() {
     // By design the first access builds the whole merged tree: the 64 MiB layer, which holds
     // nothing this read needs, is completely downloaded by the time the read returns.
     let big_layer = &image.layers[1];
-    let fetched: u64 = registry
-        .access_log()
-        .iter()
-        .filter(|l| l.method == "GET" && l.uri.ends_with(&big_layer.digest))
-        .map(|l| l.bytes)
-        .sum();
-    assert_eq!(fetched, big_layer.size(), "{}", registry.log());
+    // The store holds a layer only once it was fully fetched and verified.
+    let diff_hex = big_layer.diff_id.strip_prefix("sha256:").unwrap();
+    assert!(
+        imagefs
+            .cache_dir()
+            .join("layers/sha256")
+            .join(diff_hex)
+            .join("index.json")
+            .is_file(),
+        "the big layer was not extracted when the first read returned"
+    );
+    // The registry may log a request a moment after its last byte went out.
+    let served = |lines: &[crate::support::AccessLine]| -> u64 {
+        lines
+            .iter()
+            .filter(|l| l.method == "GET" && l.uri.ends_with(&big_layer.digest))
+            .map(|l| l.bytes)
+            .sum()
+    };
+    let lines = registry.wait_for_access_log("the whole big layer served", |lines| {
+        served(lines) >= big_layer.size()
+    });
+    assert_eq!(served(&lines), big_layer.size(), "{}", registry.log());
     let started = Instant::now();
     fs::read_to_string(m.p("etc/os-release")).unwrap();
     let warm = started.elapsed();
