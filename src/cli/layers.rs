@@ -3,12 +3,9 @@
 //! digest annotation) show format `estargz`, and when served lazily, `toc-only` or how many of
 //! their file bytes are local.
 //!
-//! A gzip layer without the annotation is still reported `estargz` when its last 51 bytes
-//! parse as an eStargz footer (one Range request, here only — never when mounting). Such a
-//! layer is nonetheless mounted through the whole-layer path: without the annotation nothing
-//! in the (digest-pinned) manifest vouches for the TOC, so its chunk digests could be forged
-//! by whoever serves the blob, and the blob only proves itself once it was hashed whole
-//! (blob digest, then diff_id) — at which point laziness has nothing left to save.
+//! A gzip layer without the annotation is still reported `estargz` when a TOC of it is in the
+//! store or its last 51 bytes parse as an eStargz footer (one Range request); `mount` serves
+//! such layers lazily too (see `cli::mount`).
 
 use std::process::ExitCode;
 
@@ -33,12 +30,11 @@ pub async fn run(ctx: &Context, args: LayersArgs) -> anyhow::Result<ExitCode> {
         let toc = l
             .annotation(TOC_DIGEST_ANNOTATION)
             .and_then(|t| t.parse::<Digest>().ok());
-        let lazy = match &toc {
-            Some(toc) if !ctx.store.has_layer(diff_id) => {
-                ctx.store.load_lazy_layer(&l.digest, toc)?
-            }
-            _ => None,
+        let lazy = match ctx.store.has_layer(diff_id) {
+            false => ctx.store.load_lazy_layer(&l.digest, toc.as_ref())?,
+            true => None,
         };
+        let lazy_known = lazy.is_some();
         let state = if ctx.store.has_layer(diff_id) {
             "cached".to_owned()
         } else if ctx.store.has_blob(&l.digest) {
@@ -53,7 +49,7 @@ pub async fn run(ctx: &Context, args: LayersArgs) -> anyhow::Result<ExitCode> {
             "not-cached".to_owned()
         };
         let format = match l.compression() {
-            _ if toc.is_some() => "estargz".to_owned(),
+            _ if toc.is_some() || lazy_known => "estargz".to_owned(),
             Ok(Compression::Gzip) if has_estargz_footer(ctx, &ranges, l, diff_id).await => {
                 "estargz".to_owned()
             }

@@ -6,13 +6,15 @@
 //! for the word `ready` (or an error line) so that every failure before the mount is live
 //! reaches the user's terminal, and nothing is left mounted. Layers are fetched on the first
 //! access to anything but the meta files: whole, or — for eStargz layers, recognised by the
-//! `containerd.io/snapshot/stargz/toc.digest` annotation on their descriptor — only their
-//! footer and TOC, each file's chunks then being fetched with Range requests when read.
+//! `containerd.io/snapshot/stargz/toc.digest` annotation on their descriptor, else by the
+//! eStargz footer at the end of a gzip blob — only their footer and TOC, each file's chunks
+//! then being fetched with Range requests when read.
 //! With `--prefetch landmark` (the default), that first access also fetches each lazy layer's
 //! prioritised files (the landmark region) with one Range request, and then the rest of the
-//! layer in the background at low priority, as stargz-snapshotter does. Unannotated eStargz
-//! layers are fetched whole: their TOC cannot be verified before the whole blob is (see
-//! `layers`). A registry that ignores Range (200 with the whole body) gets the layer fetched
+//! layer in the background at low priority, as stargz-snapshotter does. The TOC of an
+//! annotated layer must match the annotation; an unannotated layer's TOC is used as served
+//! (chunks are verified against it, the TOC itself vouched for by nothing in the manifest),
+//! unless `--require-toc-digest` has such layers fetched whole. A registry that ignores Range (200 with the whole body) gets the layer fetched
 //! whole once, through the store, instead of a whole body per chunk.
 
 use std::io::{BufRead, BufReader, Write};
@@ -66,6 +68,11 @@ pub struct MountArgs {
     /// background at low priority; `all`: everything in the background; `none`: nothing
     #[arg(long, value_enum, default_value_t = Prefetch::Landmark)]
     pub prefetch: Prefetch,
+    /// Serve eStargz layers lazily only when their descriptor carries the TOC digest
+    /// annotation (as stargz-snapshotter does by default); others are fetched whole and
+    /// verified against their blob digest and diff_id before anything is served
+    #[arg(long)]
+    pub require_toc_digest: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -199,6 +206,7 @@ fn serve(g: &GlobalOpts, args: &MountArgs, notify: bool) -> anyhow::Result<ExitC
         source,
         lazy: std::sync::OnceLock::new(),
         prefetch: args.prefetch,
+        require_toc_digest: args.require_toc_digest,
         diff_ids: resolved.config.rootfs.diff_ids.clone(),
         resolved,
         rt: rt.handle().clone(),
@@ -276,6 +284,8 @@ struct ImageBackend {
     lazy: std::sync::OnceLock<Vec<Option<Arc<LazyLayer>>>>,
     /// Background fetching of lazy layers, started once the tree is built.
     prefetch: Prefetch,
+    /// Unannotated eStargz layers are fetched whole (`--require-toc-digest`).
+    require_toc_digest: bool,
     /// The merged tree once built. A std Mutex: held only to clone the Arc.
     tree: Mutex<Option<Arc<Tree>>>,
     /// Single flight for the build: the first caller builds, the others wait here and then
@@ -385,35 +395,50 @@ impl ImageBackend {
         }
     }
 
-    /// Per layer, its lazy eStargz form when it has a TOC digest annotation, is not extracted
+    /// Per layer, its lazy eStargz form when it is eStargz (a TOC digest annotation, else — for
+    /// gzip layers, unless `--require-toc-digest` — an eStargz footer), is not extracted
     /// already, and its footer and TOC are usable (else it is fetched whole).
     async fn lazy_layers(&self) -> anyhow::Result<Vec<Option<Arc<LazyLayer>>>> {
         let layers = &self.resolved.manifest.layers;
         let attempts = layers.iter().zip(&self.diff_ids).map(|(desc, diff_id)| async move {
-            let Some(toc) = desc.annotation(TOC_DIGEST_ANNOTATION) else {
-                return Ok(None);
-            };
             if self.store.has_layer(diff_id) {
                 return Ok(None);
             }
-            let toc: Digest = match toc.parse() {
-                Ok(d) => d,
-                Err(e) => {
+            let toc = match desc.annotation(TOC_DIGEST_ANNOTATION).map(str::parse::<Digest>) {
+                Some(Ok(d)) => Some(d),
+                Some(Err(e)) => {
                     tracing::warn!(digest = %desc.digest, "bad {TOC_DIGEST_ANNOTATION} annotation, fetching the layer whole: {e}");
                     return Ok(None);
                 }
+                None if self.require_toc_digest => return Ok(None),
+                None if desc.compression().ok() != Some(crate::oci::Compression::Gzip) => {
+                    return Ok(None);
+                }
+                None => None,
             };
             let l = match self
                 .store
-                .lazy_layer(&*self.ranges, &desc.digest, desc.size, &toc)
+                .lazy_layer(&*self.ranges, &desc.digest, desc.size, toc.as_ref())
                 .await
             {
                 Err(_) if self.ranges.ignored(&desc.digest) => {
-                    tracing::warn!(digest = %desc.digest, "the registry ignores Range: fetching the layer whole");
+                    if toc.is_some() {
+                        tracing::warn!(digest = %desc.digest, "the registry ignores Range: fetching the layer whole");
+                    }
+                    return Ok(None);
+                }
+                // Only the footer tells an unannotated layer is eStargz: when it cannot be
+                // read (offline, say), the layer is what its media type says, fetched whole
+                // (or found in the cache) like any gzip layer.
+                Err(e) if toc.is_none() => {
+                    tracing::debug!(digest = %desc.digest, "no eStargz footer read: {e:#}");
                     return Ok(None);
                 }
                 l => l.with_context(|| format!("layer {}", desc.digest))?,
             };
+            if let (Some(_), None) = (&l, &toc) {
+                tracing::info!(digest = %desc.digest, "eStargz layer without a {TOC_DIGEST_ANNOTATION} annotation: served lazily with its TOC as the registry sent it (--require-toc-digest fetches such layers whole)");
+            }
             anyhow::Ok(l.map(Arc::new))
         });
         futures_util::future::try_join_all(attempts).await

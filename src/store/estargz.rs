@@ -108,12 +108,13 @@ impl Store {
             .join(blob.hex())
     }
 
-    /// The lazy layer of `blob` from the store alone, if its TOC was stored before for
-    /// `toc_digest`. `None` when it was not (or not for that digest).
+    /// The lazy layer of `blob` from the store alone, if its TOC was stored before (for
+    /// `toc_digest`, when the layer's descriptor gives one). `None` when it was not (or not for
+    /// that digest).
     pub fn load_lazy_layer(
         &self,
         blob: &Digest,
-        toc_digest: &Digest,
+        toc_digest: Option<&Digest>,
     ) -> Result<Option<LazyLayer>, StoreError> {
         let dir = self.estargz_dir(blob);
         let path = dir.join("toc.json");
@@ -129,23 +130,27 @@ impl Store {
                 return Ok(None);
             }
         };
-        if &stored.toc_digest != toc_digest {
+        if toc_digest.is_some_and(|d| d != &stored.toc_digest) {
             return Ok(None);
         }
         LazyLayer::open(blob.clone(), dir, stored).map(Some)
     }
 
     /// The lazy layer of `blob` (`blob_size` bytes, TOC digest `toc_digest` from its
-    /// descriptor): from the store, or by fetching its footer and TOC (two Range requests) and
-    /// storing them once verified. `Ok(None)` when the blob turns out not to be usable as
-    /// eStargz (bad footer or TOC structure): fetch it whole instead. A TOC that does not match
-    /// `toc_digest` is an error, and nothing is stored.
+    /// descriptor's annotation, if it has one): from the store, or by fetching its footer and
+    /// TOC (two Range requests) and storing them once verified. `Ok(None)` when the blob turns
+    /// out not to be usable as eStargz (no or bad footer, bad TOC structure): fetch it whole
+    /// instead. A TOC that does not match `toc_digest` is an error, and nothing is stored.
+    ///
+    /// Without `toc_digest` the TOC is taken as the registry serves it (its sha256 is
+    /// recorded, so a remount uses the same one): the chunks are still verified against it,
+    /// but the TOC itself is trusted like a tag is. `mount --require-toc-digest` refuses that.
     pub async fn lazy_layer(
         &self,
         source: &dyn RangeSource,
         blob: &Digest,
         blob_size: u64,
-        toc_digest: &Digest,
+        toc_digest: Option<&Digest>,
     ) -> Result<Option<LazyLayer>, StoreError> {
         if let Some(l) = self.load_lazy_layer(blob, toc_digest)? {
             return Ok(Some(l));
@@ -159,8 +164,14 @@ impl Store {
                     source,
                 })
         };
+        // Without an annotation the footer is how eStargz is told from plain gzip: its
+        // absence is the normal case, not worth a warning.
         let not_estargz = |e: EstargzError| {
-            tracing::warn!(digest = %blob, "{e}");
+            if toc_digest.is_some() {
+                tracing::warn!(digest = %blob, "{e}");
+            } else {
+                tracing::debug!(digest = %blob, "not eStargz: {e}");
+            }
             Ok(None)
         };
         if blob_size < FOOTER_SIZE as u64 {
@@ -178,7 +189,7 @@ impl Store {
             Err(e) => return not_estargz(e),
         };
         let member = fetch(toc_range).await?;
-        let toc = match parse_toc_member(&member, Some(toc_digest)) {
+        let toc = match parse_toc_member(&member, toc_digest) {
             Ok(t) => t,
             Err(e @ EstargzError::TocDigestMismatch { .. }) => {
                 return Err(StoreError::Layer {
@@ -193,7 +204,7 @@ impl Store {
             Err(e) => return not_estargz(e),
         };
         let stored = StoredToc {
-            toc_digest: toc_digest.clone(),
+            toc_digest: toc.digest.clone(),
             toc_offset: footer.toc_offset,
             index,
             chunks,
@@ -686,7 +697,7 @@ mod tests {
             fail: AtomicUsize::new(0),
         };
         let l = store
-            .lazy_layer(&src, &digest, blob.len() as u64, &toc)
+            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc))
             .await
             .unwrap()
             .unwrap();
@@ -706,7 +717,7 @@ mod tests {
         // Reopened from the store with no network: the TOC and chunks are there.
         src.fail.store(1, Ordering::SeqCst);
         drop(l);
-        let l = store.load_lazy_layer(&digest, &toc).unwrap().unwrap();
+        let l = store.load_lazy_layer(&digest, Some(&toc)).unwrap().unwrap();
         l.ensure(&src, big_ref, 0..300_000).await.unwrap();
         assert!(l.is_complete(big_ref));
         let small = data_of(&l, "small");
@@ -733,14 +744,14 @@ mod tests {
         };
         assert!(
             store
-                .lazy_layer(&src, &digest, blob.len() as u64, &wrong)
+                .lazy_layer(&src, &digest, blob.len() as u64, Some(&wrong))
                 .await
                 .is_err()
         );
         assert!(!has_toc(&store.estargz_dir(&digest)));
 
         let l = store
-            .lazy_layer(&src, &digest, blob.len() as u64, &toc)
+            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc))
             .await
             .unwrap()
             .unwrap();
@@ -761,7 +772,7 @@ mod tests {
         );
         assert_eq!(l.state().local, 0);
         drop(l);
-        let l = store.load_lazy_layer(&digest, &toc).unwrap().unwrap();
+        let l = store.load_lazy_layer(&digest, Some(&toc)).unwrap().unwrap();
         assert_eq!(l.state().local, 0);
     }
 
@@ -793,7 +804,7 @@ mod tests {
             fail: AtomicUsize::new(0),
         };
         let l = store
-            .lazy_layer(&src, &digest, blob.len() as u64, &toc)
+            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc))
             .await
             .unwrap()
             .unwrap();
@@ -823,7 +834,7 @@ mod tests {
         });
         let l = Arc::new(
             store
-                .lazy_layer(&*src, &digest, blob.len() as u64, &toc)
+                .lazy_layer(&*src, &digest, blob.len() as u64, Some(&toc))
                 .await
                 .unwrap()
                 .unwrap(),

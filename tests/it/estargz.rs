@@ -357,6 +357,7 @@ fn mixed_images_merge_a_whole_layer_and_a_lazy_one() {
         Compression::Gzip,
     );
     let base_digest = base.digest.clone();
+    let base_size = base.blob.len() as u64;
     let lazy = Layer::from_parts(w.tar.clone(), w.blob.clone(), Compression::Gzip);
     let lazy_digest = lazy.digest.clone();
     let image = ImageBuilder::new(Format::Oci)
@@ -372,10 +373,19 @@ fn mixed_images_merge_a_whole_layer_and_a_lazy_one() {
         "from the plain layer\n"
     );
     assert_eq!(fs::read(m.p("data/big")).unwrap(), w.big);
-    let log = registry.access_log();
-    let plain = blob_gets(&log, &base_digest);
-    assert_eq!(plain.len(), 1, "{}", registry.log());
-    assert_eq!(plain[0].status, 200);
+    let log =
+        registry.wait_for_access_log("the plain layer", |l| blob_gets(l, &base_digest).len() >= 2);
+    // The plain layer: its last 51 bytes (no eStargz footer there), then the whole blob once.
+    let plain: Vec<(u16, u64)> = blob_gets(&log, &base_digest)
+        .iter()
+        .map(|l| (l.status, l.bytes))
+        .collect();
+    assert_eq!(
+        plain,
+        [(206, FOOTER_SIZE as u64), (200, base_size)],
+        "{}",
+        registry.log()
+    );
     assert!(
         blob_gets(&log, &lazy_digest)
             .iter()
@@ -590,14 +600,19 @@ fn a_registry_that_ignores_range_from_the_start_gets_the_layer_fetched_whole() {
     drop(adv);
 }
 
-#[test]
-fn an_unannotated_estargz_layer_is_listed_as_estargz_but_mounted_whole() {
-    let registry = Registry::start(Auth::Anonymous);
-    let w = written();
+fn push_unannotated(registry: &Registry, repo: &str, w: &Written) -> String {
     let layer = Layer::from_parts(w.tar.clone(), w.blob.clone(), Compression::Gzip);
     let digest = layer.digest.clone();
     let image = ImageBuilder::new(Format::Oci).layer(layer).build();
-    registry.push_image("plain", "v1", &image);
+    registry.push_image(repo, "v1", &image);
+    digest
+}
+
+#[test]
+fn an_unannotated_estargz_layer_is_found_by_its_footer_and_served_lazily() {
+    let registry = Registry::start(Auth::Anonymous);
+    let w = written();
+    let digest = push_unannotated(&registry, "plain", &w);
     let reference = registry.reference("plain:v1");
     let imagefs = Imagefs::new();
     assert_eq!(
@@ -614,17 +629,55 @@ fn an_unannotated_estargz_layer_is_listed_as_estargz_but_mounted_whole() {
         registry.log()
     );
 
-    let m = Mount::new(&imagefs, &[], &reference);
+    // Footer, TOC, and the one chunk of `small`: three Range requests, a sliver of the blob.
+    let m = Mount::new_with(&imagefs, &[], NO_PREFETCH, &reference);
     assert_eq!(fs::read(m.p("data/small")).unwrap(), b"small file\n");
-    let log = registry.wait_for_access_log("the blob", |l| blob_gets(l, &digest).len() >= 2);
-    let gets = blob_gets(&log, &digest);
-    assert_eq!(gets.len(), 2, "{}", registry.log());
+    let log =
+        registry.wait_for_access_log("footer, TOC, chunk", |l| blob_gets(l, &digest).len() >= 4);
+    let gets = &blob_gets(&log, &digest)[1..];
+    assert_eq!(gets.len(), 3, "{}", registry.log());
+    assert!(gets.iter().all(|g| g.status == 206), "{}", registry.log());
+    let served: u64 = gets.iter().map(|g| g.bytes).sum();
+    assert!(
+        served * 20 < w.blob.len() as u64,
+        "{served} of {} bytes:\n{}",
+        w.blob.len(),
+        registry.log()
+    );
     assert_eq!(
-        (gets[1].status, gets[1].bytes),
+        layers_state(&imagefs, &reference),
+        format!("partial:11/{}", w.big.len() + 11 + 5000)
+    );
+    m.unmount();
+
+    // The TOC was kept: offline, what was read is served, the rest is EIO.
+    drop(registry);
+    let m = Mount::new(&imagefs, &["--offline"], &reference);
+    assert_eq!(fs::read(m.p("data/small")).unwrap(), b"small file\n");
+    let err = fs::read(m.p("data/big")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    m.unmount();
+}
+
+#[test]
+fn require_toc_digest_fetches_an_unannotated_estargz_layer_whole() {
+    let registry = Registry::start(Auth::Anonymous);
+    let w = written();
+    let digest = push_unannotated(&registry, "plain", &w);
+    let reference = registry.reference("plain:v1");
+    let imagefs = Imagefs::new();
+    let m = Mount::new_with(&imagefs, &[], &["--require-toc-digest"], &reference);
+    assert_eq!(fs::read(m.p("data/small")).unwrap(), b"small file\n");
+    let log = registry.wait_for_access_log("the blob", |l| !blob_gets(l, &digest).is_empty());
+    let gets = blob_gets(&log, &digest);
+    assert_eq!(gets.len(), 1, "{}", registry.log());
+    assert_eq!(
+        (gets[0].status, gets[0].bytes),
         (200, w.blob.len() as u64),
         "{}",
         registry.log()
     );
+    assert_eq!(fs::read(m.p("data/big")).unwrap(), w.big);
     m.unmount();
     // Once cached, the footer is read from the cached blob, offline.
     assert_eq!(
