@@ -133,6 +133,42 @@ impl fmt::Debug for Client {
     }
 }
 
+/// The system bundle Debian and Ubuntu generate (`update-ca-certificates`) from the same
+/// sources as the hashed `/etc/ssl/certs` directory.
+const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The system's root certificates. Left to itself, reqwest (rustls-native-certs) reads the
+/// bundle *and* every file of the hashed directory — some 300 files, most of a cold start's
+/// time before the first request. Where the system bundle exists and `SSL_CERT_FILE` /
+/// `SSL_CERT_DIR` name nothing else than it and its directory, the bundle alone is read (with
+/// the same crate); otherwise reqwest's own loading applies, honouring those variables.
+fn system_roots(builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+    let is = |var: &str, default: &str| {
+        std::env::var_os(var).is_none_or(|v| v.is_empty() || v == std::ffi::OsStr::new(default))
+    };
+    if !is("SSL_CERT_FILE", SYSTEM_BUNDLE) || !is("SSL_CERT_DIR", "/etc/ssl/certs") {
+        return builder;
+    }
+    let bundle = std::path::Path::new(SYSTEM_BUNDLE);
+    if !bundle.is_file() {
+        return builder;
+    }
+    let loaded = rustls_native_certs::load_certs_from_paths(Some(bundle), None);
+    let certs: Vec<reqwest::Certificate> = loaded
+        .certs
+        .iter()
+        .filter_map(|der| reqwest::Certificate::from_der(der).ok())
+        .collect();
+    if certs.is_empty() {
+        return builder;
+    }
+    certs
+        .into_iter()
+        .fold(builder.tls_built_in_root_certs(false), |b, c| {
+            b.add_root_certificate(c)
+        })
+}
+
 impl Client {
     pub fn new(config: ClientConfig) -> Result<Client, Error> {
         let mut builder = reqwest::Client::builder()
@@ -141,6 +177,7 @@ impl Client {
             .read_timeout(config.timeout)
             .redirect(reqwest::redirect::Policy::limited(10))
             .danger_accept_invalid_certs(config.insecure_skip_tls_verify);
+        builder = system_roots(builder);
         for path in &config.ca_certs {
             let pem = std::fs::read(path).map_err(|source| Error::CaCertRead {
                 path: path.clone(),
