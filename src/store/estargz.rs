@@ -189,8 +189,28 @@ impl Store {
             Err(e) => return not_estargz(e),
         };
         let member = fetch(toc_range).await?;
-        let toc = match parse_toc_member(&member, toc_digest) {
-            Ok(t) => t,
+        // Decompressing, hashing and parsing a TOC of thousands of entries, then serialising
+        // it for the store, is CPU work: off the runtime's threads, so that the layers of an
+        // image are parsed in parallel and no network task waits behind them.
+        let expected = toc_digest.cloned();
+        let toc_offset = footer.toc_offset;
+        let parsed = tokio::task::spawn_blocking(move || {
+            let toc = parse_toc_member(&member, expected.as_ref())?;
+            let (index, chunks) = toc.to_layer(toc_offset)?;
+            let stored = StoredToc {
+                toc_digest: toc.digest.clone(),
+                toc_offset,
+                index,
+                chunks,
+                prefetch_end: toc.prefetch_landmark_offset(),
+            };
+            let bytes = serde_json::to_vec(&stored).expect("a TOC serialises");
+            Ok::<_, EstargzError>((stored, bytes))
+        })
+        .await
+        .expect("TOC parsing does not panic");
+        let (stored, bytes) = match parsed {
+            Ok(p) => p,
             Err(e @ EstargzError::TocDigestMismatch { .. }) => {
                 return Err(StoreError::Layer {
                     digest: blob.clone(),
@@ -199,22 +219,13 @@ impl Store {
             }
             Err(e) => return not_estargz(e),
         };
-        let (index, chunks) = match toc.to_layer(footer.toc_offset) {
-            Ok(l) => l,
-            Err(e) => return not_estargz(e),
-        };
-        let stored = StoredToc {
-            toc_digest: toc.digest.clone(),
-            toc_offset: footer.toc_offset,
-            index,
-            chunks,
-            prefetch_end: toc.prefetch_landmark_offset(),
-        };
         let dir = self.estargz_dir(blob);
         let data = dir.join("data");
         fs::create_dir_all(&data).map_err(io_err(&data))?;
-        let bytes = serde_json::to_vec(&stored).expect("a TOC serialises");
-        self.write_atomic(&dir.join("toc.json"), &bytes)?;
+        // Not synced: `toc.json` is a cache of a verified TOC. The rename keeps a reader from
+        // ever seeing a partial file, and one torn by a crash does not parse and is fetched
+        // again (see `load_lazy_layer`).
+        self.write_atomic_unsynced(&dir.join("toc.json"), &bytes)?;
         LazyLayer::open(blob.clone(), dir, stored).map(Some)
     }
 }

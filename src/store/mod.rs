@@ -253,6 +253,19 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::write_atomic`] without the fsync, for caches of verified data whose loss or
+    /// tearing in a crash is detected when they are read back, and costs only a refetch.
+    pub(crate) fn write_atomic_unsynced(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let tmp = self.temp_path("w");
+        fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, path).map_err(io_err(path))?;
+        Ok(())
+    }
+
     pub(crate) fn temp_path(&self, prefix: &str) -> PathBuf {
         use std::sync::atomic::{AtomicU64, Ordering};
         static SEQ: AtomicU64 = AtomicU64::new(0);
