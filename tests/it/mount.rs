@@ -1299,3 +1299,39 @@ fn first_read_waits_for_every_layer() {
     );
     m.unmount();
 }
+
+/// The kernel's per-mount flags (`ro,nosuid,…`) of the mount at `path`.
+fn mount_flags(path: &Path) -> Vec<String> {
+    let info = crate::support::mounts::mountinfo(path);
+    assert_eq!(info.len(), 1, "{info:?}");
+    info[0]
+        .0
+        .split(' ')
+        .nth(5)
+        .unwrap()
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn setuid_and_devices_are_honoured_unless_nosuid_or_nodev() {
+    let registry = Registry::start(Auth::Anonymous);
+    registry.push_image("flags", "v1", &two_layer_image());
+    let imagefs = Imagefs::new();
+    let reference = registry.reference("flags:v1");
+
+    // A rootfs needs its setuid binaries (su, passwd) and /dev nodes to work.
+    let m = Mount::new(&imagefs, &[], &reference);
+    let flags = mount_flags(m.path());
+    assert!(flags.contains(&"ro".to_owned()), "{flags:?}");
+    assert!(!flags.contains(&"nosuid".to_owned()), "{flags:?}");
+    assert!(!flags.contains(&"nodev".to_owned()), "{flags:?}");
+    m.unmount();
+
+    let m = Mount::new_with(&imagefs, &[], &["--nosuid", "--nodev"], &reference);
+    let flags = mount_flags(m.path());
+    assert!(flags.contains(&"nosuid".to_owned()), "{flags:?}");
+    assert!(flags.contains(&"nodev".to_owned()), "{flags:?}");
+    m.unmount();
+}
