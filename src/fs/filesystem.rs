@@ -73,7 +73,16 @@ pub(crate) struct ImageFs {
     /// on one inode). A std `Mutex`: held for a map lookup, never across I/O; files and
     /// backing ids are dropped after unlocking.
     open: Mutex<HashMap<INodeNo, OpenFile>>,
+    /// Without passthrough, opens are not worth a round trip each: `open` answers ENOSYS and
+    /// the kernel stops sending OPEN, FLUSH and RELEASE (FUSE's zero-message open, with the
+    /// page cache kept). Reads then arrive with file handle 0 and find their backing file
+    /// here: a bounded LRU of open fds by inode (the fd limit is finite; a closed one is
+    /// reopened on its next cold read). Held for a lookup or insert only, never across I/O.
+    files: Mutex<lru::LruCache<INodeNo, Arc<File>>>,
 }
+
+/// Backing files kept open for handle-less reads (see [`ImageFs::files`]).
+const FD_CACHE: usize = 1024;
 
 struct OpenFile {
     /// The backing file for pread; `None` in passthrough mode, where the kernel holds its own
@@ -110,6 +119,9 @@ impl ImageFs {
             want_passthrough: passthrough,
             passthrough: false,
             open: Mutex::new(HashMap::new()),
+            files: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(FD_CACHE).expect("not zero"),
+            )),
         }
     }
 
@@ -330,6 +342,32 @@ impl ImageFs {
         Ok(())
     }
 
+    /// The backing file of `ino` for a read without a file handle, from the fd cache or
+    /// opened now (which waits for the layer like `open` does).
+    fn handle_less_file(
+        &self,
+        ino: INodeNo,
+        layer: u32,
+        data: DataRef,
+    ) -> Result<Arc<File>, OpError> {
+        if let Some(f) = self.files.lock().unwrap().get(&ino) {
+            return Ok(f.clone());
+        }
+        let file = self
+            .backend
+            .open(layer, data)
+            .map_err(|source| OpError::Data {
+                layer,
+                id: data.id,
+                source,
+            })?;
+        let file = Arc::new(file);
+        // A race with another reader costs one extra open; the last insert wins.
+        let evicted = self.files.lock().unwrap().push(ino, file.clone());
+        drop(evicted);
+        Ok(file)
+    }
+
     fn do_read(
         &self,
         ino: INodeNo,
@@ -342,16 +380,37 @@ impl ImageFs {
             reply.data(window(self.meta.content(i), offset, size));
             return Ok(());
         }
-        if fh == FH_NONE {
-            reply.data(&[]);
-            return Ok(());
-        }
-        let found = self.open.lock().unwrap().get(&ino).and_then(|o| {
-            let file = o.file.clone()?;
-            Some((file, o.size, o.layer, o.data, o.complete))
-        });
-        let Some((file, file_size, layer, data, complete)) = found else {
-            return Err((OpError::NotOpen, reply));
+        let (file, file_size, layer, data, complete) = if fh == FH_NONE {
+            // An empty file, or a zero-message open (see `files`).
+            let (layer, data, size) = match self.inode(ino) {
+                Ok((_, _, inode)) => match inode.content {
+                    Content::File {
+                        size,
+                        layer,
+                        data: Some(data),
+                    } if size > 0 => (layer, data, size),
+                    _ => {
+                        reply.data(&[]);
+                        return Ok(());
+                    }
+                },
+                Err(e) => return Err((e, reply)),
+            };
+            let file = match self.handle_less_file(ino, layer, data) {
+                Ok(f) => f,
+                Err(e) => return Err((e, reply)),
+            };
+            let complete = self.backend.is_complete(layer, data);
+            (file, size, layer, data, complete)
+        } else {
+            let found = self.open.lock().unwrap().get(&ino).and_then(|o| {
+                let file = o.file.clone()?;
+                Some((file, o.size, o.layer, o.data, o.complete))
+            });
+            match found {
+                Some(f) => f,
+                None => return Err((OpError::NotOpen, reply)),
+            }
         };
         let want = (size.min(MAX_IO) as u64).min(file_size.saturating_sub(offset)) as usize;
         if !complete
@@ -487,6 +546,14 @@ impl Filesystem for ImageFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // Without passthrough an OPEN buys nothing a read cannot do itself, and costs two
+        // round trips per open(2) (OPEN, then RELEASE): ENOSYS tells the kernel to stop sending
+        // them for this mount (it keeps the page cache, and enforces O_RDONLY itself on a
+        // read-only mount). With passthrough the OPEN reply is what attaches the backing file.
+        if !self.passthrough && flags.acc_mode() == OpenAccMode::O_RDONLY {
+            reply.error(fuser::Errno::ENOSYS);
+            return;
+        }
         if let Err((e, reply)) = self.do_open(ino, flags, reply) {
             reply.error(e.errno("open", ino));
         }
@@ -516,7 +583,9 @@ impl Filesystem for ImageFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to flush on a read-only filesystem: ENOSYS stops the kernel from sending FLUSH
+        // at every close(2) of a zero-message open (see `open`).
+        reply.error(fuser::Errno::ENOSYS);
     }
 
     fn release(
