@@ -14,7 +14,7 @@ use super::GlobalOpts;
 use crate::oci::manifest::{Descriptor, ImageConfig, ImageManifest, Manifest};
 use crate::oci::{Digest, Platform, media};
 use crate::reference::Reference;
-use crate::registry::{Client, ClientConfig, Credentials, Secret};
+use crate::registry::{Client, ClientConfig, Credentials, Mirror, Secret};
 use crate::store::{BlobBody, BlobSource, SourceError, Store};
 
 /// Largest manifest or config we accept (real ones are a few KiB; this stops a hostile
@@ -48,6 +48,7 @@ impl Context {
             insecure_skip_tls_verify: g.insecure_skip_tls_verify,
             timeout: g.timeout,
             credentials,
+            mirrors: mirrors(g)?,
             ..ClientConfig::default()
         })?;
         Ok(Context {
@@ -59,6 +60,93 @@ impl Context {
             tty: std::io::stderr().is_terminal(),
         })
     }
+}
+
+/// Where hosts.toml files live when `--hosts-dir` is not given.
+const DEFAULT_HOSTS_DIR: &str = "/etc/imagefs/certs.d";
+
+/// The mirrors from `--mirror` (first, in order), then from `DIR/<registry>/hosts.toml`.
+fn mirrors(g: &GlobalOpts) -> anyhow::Result<Vec<Mirror>> {
+    let mut out = Vec::new();
+    for m in &g.mirrors {
+        let Some((registry, url)) = m.split_once('=') else {
+            bail!("--mirror {m:?}: expected REGISTRY=URL, e.g. docker.io=http://127.0.0.1:5000");
+        };
+        out.push(Mirror::new(registry, url).map_err(|e| anyhow::anyhow!("--mirror: {e}"))?);
+    }
+    let (dir, explicit) = match &g.hosts_dir {
+        Some(d) => (d.clone(), true),
+        None => (PathBuf::from(DEFAULT_HOSTS_DIR), false),
+    };
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("hosts directory {}", dir.display())),
+    };
+    let mut registries: Vec<(String, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            Some((
+                e.file_name().into_string().ok()?,
+                e.path().join("hosts.toml"),
+            ))
+        })
+        .filter(|(_, p)| p.is_file())
+        .collect();
+    registries.sort();
+    for (registry, path) in registries {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        out.extend(parse_hosts_toml(&registry, &text).with_context(|| path.display().to_string())?);
+    }
+    Ok(out)
+}
+
+/// The mirrors a containerd-style `hosts.toml` lists for `registry`, in file order:
+///
+/// ```toml
+/// server = "https://registry-1.docker.io"   # the registry itself (optional, not used)
+///
+/// [host."http://127.0.0.1:5000"]
+///   capabilities = ["pull", "resolve"]      # optional; without "pull" the host is skipped,
+///                                           # without "resolve" tags are not looked up there
+/// ```
+///
+/// Other keys (`ca`, `skip_verify`, `header`, `override_path`) are refused rather than
+/// silently ignored.
+pub fn parse_hosts_toml(registry: &str, text: &str) -> anyhow::Result<Vec<Mirror>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        #[allow(dead_code)]
+        server: Option<String>,
+        #[serde(default)]
+        host: toml::map::Map<String, toml::Value>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Host {
+        capabilities: Option<Vec<String>>,
+    }
+    let file: File = toml::from_str(text).context("not a valid hosts.toml")?;
+    let mut out = Vec::new();
+    for (url, value) in file.host {
+        let host: Host = value
+            .try_into()
+            .with_context(|| format!("[host.{url:?}]"))?;
+        let can = |c: &str| {
+            host.capabilities
+                .as_ref()
+                .is_none_or(|caps| caps.iter().any(|x| x == c))
+        };
+        if !can("pull") {
+            continue;
+        }
+        let mut mirror = Mirror::new(registry, &url).map_err(|e| anyhow::anyhow!("{e}"))?;
+        mirror.resolve = can("resolve");
+        out.push(mirror);
+    }
+    Ok(out)
 }
 
 pub fn cache_dir(g: &GlobalOpts) -> anyhow::Result<PathBuf> {
@@ -339,4 +427,47 @@ impl RegistrySource {
 /// `sha256:0123456789ab` — short digests for progress lines.
 pub fn short(d: &Digest) -> String {
     d.hex()[..12].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_hosts_toml;
+
+    #[test]
+    fn hosts_toml_keeps_file_order_and_capabilities() {
+        let text = r#"
+server = "https://registry-1.docker.io"
+
+[host."http://b.local:5000"]
+  capabilities = ["pull", "resolve"]
+
+[host."https://a.local"]
+  capabilities = ["pull"]
+
+[host."https://push-only.local"]
+  capabilities = ["push"]
+
+[host."http://c.local"]
+"#;
+        let m = parse_hosts_toml("docker.io", text).unwrap();
+        let got: Vec<(&str, bool)> = m.iter().map(|m| (m.host.as_str(), m.resolve)).collect();
+        assert_eq!(
+            got,
+            [("b.local:5000", true), ("a.local", false), ("c.local", true)]
+        );
+        assert!(m.iter().all(|m| m.registry == "docker.io"));
+    }
+
+    #[test]
+    fn bad_hosts_toml_is_refused() {
+        for text in [
+            "[host.\"ftp://x\"]\n",
+            "[host.\"http://x\"]\nskip_verify = true\n",
+            "server = 3\n",
+            "not toml",
+            "mirrors = []\n",
+        ] {
+            assert!(parse_hosts_toml("docker.io", text).is_err(), "{text:?}");
+        }
+    }
 }

@@ -59,6 +59,15 @@ pub struct GlobalOpts {
     /// 500ms); failed attempts are retried up to 4 times with backoff
     #[arg(long, global = true, default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Pull mirror for a registry, tried before it: REGISTRY=URL, e.g.
+    /// docker.io=http://127.0.0.1:5000 (repeatable; tried in order, then hosts.toml mirrors,
+    /// then the registry itself)
+    #[arg(long = "mirror", global = true, value_name = "REGISTRY=URL")]
+    pub mirrors: Vec<String>,
+    /// Directory of per-registry mirror configuration, containerd style:
+    /// DIR/<registry>/hosts.toml [default: /etc/imagefs/certs.d]
+    #[arg(long, global = true, env = "IMAGEFS_HOSTS_DIR", value_name = "DIR")]
+    pub hosts_dir: Option<PathBuf>,
     /// Use only the cache; never contact a registry
     #[arg(long, global = true)]
     pub offline: bool,

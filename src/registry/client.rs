@@ -107,16 +107,30 @@ impl UrlScheme {
 }
 
 /// One registry API request.
+#[derive(Clone)]
 struct Call {
     /// As in `Reference::registry()`: the key for credentials.
     registry: String,
     host: String,
+    /// The scheme, when fixed by configuration (a mirror's URL) rather than by the defaults.
+    scheme: Option<UrlScheme>,
     repository: Option<String>,
     /// From `/v2/` on.
     path: String,
     accept: Option<HeaderValue>,
     range: Option<String>,
     subject: Subject,
+}
+
+impl Call {
+    /// Whether the answer depends on what a tag points to now (not content-addressed).
+    fn resolves_a_tag(&self) -> bool {
+        match &self.subject {
+            Subject::Manifest { reference, .. } => reference.parse::<Digest>().is_err(),
+            Subject::Blob { .. } => false,
+            _ => self.path.contains("/tags/list"),
+        }
+    }
 }
 
 /// What a request carried, to know what to drop on a 401.
@@ -229,6 +243,7 @@ impl Client {
         let call = Call {
             registry: registry.to_owned(),
             host: api_host(registry).to_owned(),
+            scheme: None,
             repository: Some(repository.to_owned()),
             path: format!("/v2/{repository}/manifests/{reference}"),
             accept: Some(self.inner.manifest_accept.clone()),
@@ -274,6 +289,7 @@ impl Client {
         let call = Call {
             registry: registry.to_owned(),
             host: api_host(registry).to_owned(),
+            scheme: None,
             repository: Some(repository.clone()),
             path: format!("/v2/{repository}/tags/list?n=1"),
             accept: None,
@@ -369,6 +385,7 @@ impl Client {
         let call = Call {
             registry: registry.to_owned(),
             host: api_host(registry).to_owned(),
+            scheme: None,
             repository: None,
             path: "/v2/".to_owned(),
             accept: None,
@@ -390,6 +407,7 @@ impl Client {
         Call {
             registry: registry.to_owned(),
             host: api_host(registry).to_owned(),
+            scheme: None,
             repository: Some(repository.to_owned()),
             path: format!("/v2/{repository}/blobs/{digest}"),
             accept: None,
@@ -427,11 +445,44 @@ impl Client {
         }
     }
 
+    /// Send `call` to the mirrors of its registry, in order, then to the registry itself;
+    /// the first success wins. A mirror's failure is logged and skipped; the registry's is
+    /// the error.
+    async fn send(&self, call: &Call) -> Result<(Response, String), Error> {
+        for m in self
+            .inner
+            .config
+            .mirrors
+            .iter()
+            .filter(|m| m.registry == call.registry)
+            .filter(|m| m.resolve || !call.resolves_a_tag())
+        {
+            let mut via = call.clone();
+            via.host = m.host.clone();
+            // Credentials and tokens for a mirror are the mirror's own.
+            via.registry = m.host.clone();
+            via.scheme = Some(match m.scheme.as_str() {
+                "http" => UrlScheme::Http,
+                _ => UrlScheme::Https,
+            });
+            // One attempt per mirror, as containerd does: a dead mirror must not cost the
+            // origin's whole retry budget.
+            match self.send_to(&via, 0).await {
+                Ok(ok) => return Ok(ok),
+                Err(e) => tracing::warn!(
+                    mirror = %m.host,
+                    registry = %call.registry,
+                    "mirror failed, trying the next source: {e}"
+                ),
+            }
+        }
+        self.send_to(call, self.inner.config.max_retries).await
+    }
+
     /// Send `call` until it succeeds (2xx, redirects followed) or fails for good:
     /// authenticates on 401 (once per call), retries connection errors, 429 and 5xx.
-    async fn send(&self, call: &Call) -> Result<(Response, String), Error> {
+    async fn send_to(&self, call: &Call, max_retries: u32) -> Result<(Response, String), Error> {
         let scope = auth::pull_scope(call.repository.as_deref());
-        let max_retries = self.inner.config.max_retries;
         let mut attempt = 0;
         let mut reauthenticated = false;
         loop {
@@ -534,7 +585,9 @@ impl Client {
         call: &Call,
         authorization: Option<HeaderValue>,
     ) -> Result<(Response, String), Error> {
-        let known = if self.inner.config.plain_http {
+        let known = if let Some(scheme) = call.scheme {
+            Some(scheme)
+        } else if self.inner.config.plain_http {
             Some(UrlScheme::Http)
         } else if !is_loopback(&call.host) {
             Some(UrlScheme::Https)

@@ -54,6 +54,67 @@ pub struct ClientConfig {
     pub user_agent: String,
     /// Retries after the first attempt, on connection errors, 429 and 5xx.
     pub max_retries: u32,
+    /// Pull mirrors, tried in order before the registry itself (see [`Mirror`]).
+    pub mirrors: Vec<Mirror>,
+}
+
+/// A pull mirror of one registry — a pull-through cache, a P2P distributor, anything that
+/// speaks the distribution API for the same repository names. Every request for `registry`
+/// goes to its mirrors first, in order; a mirror that fails (cannot connect, errors, does not
+/// have what was asked for) is skipped, and the registry itself is the last resort. What a
+/// mirror serves is verified exactly like what the registry serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mirror {
+    /// As in `Reference::registry()`: `docker.io`, `ghcr.io`, `localhost:5000`.
+    pub registry: String,
+    /// `http` or `https`.
+    pub scheme: String,
+    /// `host[:port]` of the mirror.
+    pub host: String,
+    /// Whether tags are resolved through it too (containerd's `resolve` capability); when not,
+    /// only content addressed by digest is fetched from it.
+    pub resolve: bool,
+}
+
+impl Mirror {
+    /// A mirror of `registry` at `url` (`http://host[:port]` or `https://…`; a path is refused:
+    /// the API lives at `/v2/` of the host).
+    pub fn new(registry: &str, url: &str) -> Result<Mirror, String> {
+        if !url.contains("://") {
+            return Err(format!(
+                "mirror URL {url:?}: give the scheme, e.g. http://{url} or https://{url}"
+            ));
+        }
+        let parsed = url::Url::parse(url).map_err(|e| format!("mirror URL {url:?}: {e}"))?;
+        let scheme = parsed.scheme();
+        if scheme != "http" && scheme != "https" {
+            return Err(format!(
+                "mirror URL {url:?}: the scheme must be http or https"
+            ));
+        }
+        let Some(host) = parsed.host_str() else {
+            return Err(format!("mirror URL {url:?} has no host"));
+        };
+        let path = parsed.path().trim_end_matches('/');
+        if !(path.is_empty() || path == "/v2") || parsed.query().is_some() {
+            return Err(format!(
+                "mirror URL {url:?}: give the host only (the API is at /v2/ of it)"
+            ));
+        }
+        if registry.is_empty() || registry.contains('/') {
+            return Err(format!("mirror for {registry:?}: not a registry host"));
+        }
+        let host = match parsed.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        };
+        Ok(Mirror {
+            registry: registry.to_owned(),
+            scheme: scheme.to_owned(),
+            host,
+            resolve: true,
+        })
+    }
 }
 
 impl Default for ClientConfig {
@@ -66,6 +127,7 @@ impl Default for ClientConfig {
             credentials: None,
             use_docker_config: true,
             docker_config: None,
+            mirrors: Vec::new(),
             user_agent: concat!("imagefs/", env!("CARGO_PKG_VERSION")).to_owned(),
             max_retries: 4,
         }
@@ -99,5 +161,34 @@ impl fmt::Debug for BlobStream {
             .field("start", &self.start)
             .field("total", &self.total)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Mirror;
+
+    #[test]
+    fn mirror_urls() {
+        let ok = |reg: &str, url: &str, scheme: &str, host: &str| {
+            let m = Mirror::new(reg, url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!((m.scheme.as_str(), m.host.as_str()), (scheme, host), "{url}");
+            assert!(m.resolve);
+        };
+        ok("docker.io", "http://127.0.0.1:5000", "http", "127.0.0.1:5000");
+        ok("docker.io", "https://mirror.example/", "https", "mirror.example");
+        ok("ghcr.io", "https://m.example:8443/v2", "https", "m.example:8443");
+        ok("localhost:5000", "http://[::1]:5001", "http", "[::1]:5001");
+        for (reg, url, why) in [
+            ("docker.io", "ftp://x", "scheme"),
+            ("docker.io", "127.0.0.1:5000", "scheme"),
+            ("docker.io", "http://x/some/path", "host only"),
+            ("docker.io", "http://x/?q=1", "host only"),
+            ("", "http://x", "not a registry"),
+            ("docker.io/library", "http://x", "not a registry"),
+        ] {
+            let e = Mirror::new(reg, url).unwrap_err();
+            assert!(e.contains(why), "{reg} {url}: {e}");
+        }
     }
 }

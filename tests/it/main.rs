@@ -5,6 +5,7 @@ mod cli_pull;
 mod estargz;
 mod fs_mount;
 mod harness;
+mod mirrors;
 mod mount;
 mod registry_faults;
 mod support;

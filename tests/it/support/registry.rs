@@ -100,6 +100,19 @@ impl Registry {
     /// Starts a registry with `auth` on a free loopback port; panics with the registry's log
     /// if it does not come up.
     pub fn start(auth: Auth) -> Registry {
+        Registry::start_with(auth, "")
+    }
+
+    /// An anonymous registry in proxy mode (distribution's pull-through cache) for `remote`:
+    /// it serves `remote`'s repositories under the same names, fetching what it lacks.
+    pub fn start_proxy_of(remote: &Registry) -> Registry {
+        Registry::start_with(
+            Auth::Anonymous,
+            &format!("proxy:\n  remoteurl: http://{}\n", remote.addr()),
+        )
+    }
+
+    fn start_with(auth: Auth, extra_yaml: &str) -> Registry {
         let dir = tempfile::Builder::new()
             .prefix("imagefs-registry-")
             .tempdir()
@@ -129,8 +142,8 @@ impl Registry {
         let mut last_log = String::new();
         for _ in 0..START_ATTEMPTS {
             let addr = format!("127.0.0.1:{}", free_port());
-            fs::write(&config_path, config_yaml(&storage, &addr, &auth_yaml))
-                .expect("write registry config");
+            let yaml = format!("{}{extra_yaml}", config_yaml(&storage, &addr, &auth_yaml));
+            fs::write(&config_path, yaml).expect("write registry config");
             let log = fs::File::create(&log_path).expect("create registry log");
             let mut child = Command::new(registry_bin())
                 .arg("serve")
