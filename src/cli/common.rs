@@ -28,6 +28,8 @@ pub struct Context {
     pub offline: bool,
     pub quiet: bool,
     pub tty: bool,
+    /// `--cache-max-size` (or `cache_max_size` in `<cache>/config.toml`).
+    pub cache_max: Option<u64>,
 }
 
 impl Context {
@@ -41,6 +43,7 @@ impl Context {
                 .with_context(|| format!("invalid --platform {p:?}"))?,
             None => Platform::host(),
         };
+        let cache_max = cache_max_size(g, &cache)?;
         let credentials = credentials(g)?;
         let client = Client::new(ClientConfig {
             plain_http: g.plain_http,
@@ -58,7 +61,51 @@ impl Context {
             offline: g.offline,
             quiet: g.quiet,
             tty: std::io::stderr().is_terminal(),
+            cache_max,
         })
+    }
+}
+
+/// The cache bound: `--cache-max-size`, else `cache_max_size = "20G"` in
+/// `<cache>/config.toml`, else none.
+fn cache_max_size(g: &GlobalOpts, cache: &std::path::Path) -> anyhow::Result<Option<u64>> {
+    if let Some(s) = &g.cache_max_size {
+        return Ok(Some(
+            crate::store::parse_size(s).map_err(|e| anyhow::anyhow!("--cache-max-size: {e}"))?,
+        ));
+    }
+    let path = cache.join("config.toml");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Config {
+        cache_max_size: Option<String>,
+    }
+    let c: Config =
+        toml::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
+    c.cache_max_size
+        .map(|s| crate::store::parse_size(&s))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{}: cache_max_size: {e}", path.display()))
+}
+
+/// Evict least recently used images until the cache fits its bound, if it has one. Images
+/// that live mounts use, and `current`, are kept; a failure is logged, never fatal to the
+/// command.
+pub fn enforce_cache_bound(store: &Store, max: Option<u64>, current: &Digest) {
+    let Some(max) = max else { return };
+    match store.prune_to(max, std::slice::from_ref(current)) {
+        Ok(r) if !r.images.is_empty() => tracing::info!(
+            images = r.images.len(),
+            freed = %crate::store::format_size(r.bytes),
+            "cache over its bound: evicted the least recently used images"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("enforcing the cache bound: {e}"),
     }
 }
 
@@ -301,6 +348,25 @@ pub async fn resolve(ctx: &Context, reference: &Reference) -> anyhow::Result<Res
     crate::oci::manifest::check_layers(&manifest, &config)
         .with_context(|| format!("image {manifest_digest} of {reference}"))?;
 
+    let layers = manifest
+        .layers
+        .iter()
+        .zip(&config.rootfs.diff_ids)
+        .map(|(l, diff_id)| crate::store::LayerRecord {
+            blob: l.digest.clone(),
+            diff_id: diff_id.clone(),
+            size: l.size,
+        })
+        .collect();
+    // Bookkeeping for `cache ls` and eviction: its failure must not fail the command.
+    if let Err(e) = ctx.store.record_image(
+        &reference.to_string(),
+        &manifest_digest,
+        &manifest.config.digest,
+        layers,
+    ) {
+        tracing::warn!("recording {reference} in the cache index: {e}");
+    }
     Ok(Resolved {
         reference: reference.clone(),
         manifest_digest,
@@ -453,7 +519,11 @@ server = "https://registry-1.docker.io"
         let got: Vec<(&str, bool)> = m.iter().map(|m| (m.host.as_str(), m.resolve)).collect();
         assert_eq!(
             got,
-            [("b.local:5000", true), ("a.local", false), ("c.local", true)]
+            [
+                ("b.local:5000", true),
+                ("a.local", false),
+                ("c.local", true)
+            ]
         );
         assert!(m.iter().all(|m| m.registry == "docker.io"));
     }

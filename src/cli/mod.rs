@@ -2,6 +2,7 @@
 //! subcommand. Only this module (and `main.rs`) knows clap, anyhow, environment variables and
 //! the tracing subscriber.
 
+mod cache;
 mod common;
 mod inspect;
 mod layers;
@@ -68,6 +69,16 @@ pub struct GlobalOpts {
     /// DIR/<registry>/hosts.toml [default: /etc/imagefs/certs.d]
     #[arg(long, global = true, env = "IMAGEFS_HOSTS_DIR", value_name = "DIR")]
     pub hosts_dir: Option<PathBuf>,
+    /// Bound the cache (e.g. 20G, 512M): after a pull or a mount's fetch, least recently used
+    /// images no live mount uses are evicted [default: `cache_max_size` in CACHE/config.toml,
+    /// else unbounded]
+    #[arg(
+        long,
+        global = true,
+        env = "IMAGEFS_CACHE_MAX_SIZE",
+        value_name = "SIZE"
+    )]
+    pub cache_max_size: Option<String>,
     /// Use only the cache; never contact a registry
     #[arg(long, global = true)]
     pub offline: bool,
@@ -87,6 +98,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// List an image's layers, base first, and whether each is cached
     Layers(layers::LayersArgs),
+    /// What the cache holds, and keeping it in bounds: ls, du, prune, verify, gc
+    Cache(cache::CacheArgs),
     /// Mount an image read-only; layers are fetched on first access
     Mount(mount::MountArgs),
     /// Unmount an imagefs mount point
@@ -109,6 +122,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Command::Pull(a) => pull::run(&ctx, a).await,
                     Command::Inspect(a) => inspect::run(&ctx, a).await,
                     Command::Layers(a) => layers::run(&ctx, a).await,
+                    Command::Cache(a) => cache::run(&ctx, a),
                     Command::Mount(_) | Command::Umount(_) => unreachable!(),
                 }
             })

@@ -199,8 +199,13 @@ fn serve(g: &GlobalOpts, args: &MountArgs, notify: bool) -> anyhow::Result<ExitC
         digest: resolved.manifest_digest.to_string(),
         id: resolved.image_id().to_string(),
     };
+    // `cache ls` shows the mount, and eviction keeps its image, for as long as we serve.
+    let _registration = ctx
+        .store
+        .register_mount(&resolved.manifest_digest, &args.mountpoint)?;
     let source = RegistrySource::new(&ctx, &reference);
     let backend = Arc::new(ImageBackend {
+        cache_max: ctx.cache_max,
         store: ctx.store.clone(),
         ranges: Arc::new(RegistryRanges::new(source.clone())),
         source,
@@ -286,6 +291,8 @@ struct ImageBackend {
     prefetch: Prefetch,
     /// Unannotated eStargz layers are fetched whole (`--require-toc-digest`).
     require_toc_digest: bool,
+    /// The cache bound, enforced once the tree is built.
+    cache_max: Option<u64>,
     /// The merged tree once built. A std Mutex: held only to clone the Arc.
     tree: Mutex<Option<Arc<Tree>>>,
     /// Single flight for the build: the first caller builds, the others wait here and then
@@ -353,6 +360,7 @@ impl ImageBackend {
             "image tree ready"
         );
         let _ = self.lazy.set(lazy);
+        common::enforce_cache_bound(&self.store, self.cache_max, &self.resolved.manifest_digest);
         self.start_prefetch();
         Ok(tree)
     }

@@ -28,6 +28,7 @@ pub async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<ExitCode> {
     let resolved = common::resolve(ctx, &reference).await?;
     let source = RegistrySource::new(ctx, &reference);
     fetch_layers(&ctx.store, source, &resolved, &reporter).await?;
+    common::enforce_cache_bound(&ctx.store, ctx.cache_max, &resolved.manifest_digest);
     if !ctx.quiet {
         println!("Digest: {}", resolved.manifest_digest);
         println!("Image ID: {}", resolved.image_id());

@@ -172,12 +172,31 @@ mod tests {
     fn mirror_urls() {
         let ok = |reg: &str, url: &str, scheme: &str, host: &str| {
             let m = Mirror::new(reg, url).unwrap_or_else(|e| panic!("{url}: {e}"));
-            assert_eq!((m.scheme.as_str(), m.host.as_str()), (scheme, host), "{url}");
+            assert_eq!(
+                (m.scheme.as_str(), m.host.as_str()),
+                (scheme, host),
+                "{url}"
+            );
             assert!(m.resolve);
         };
-        ok("docker.io", "http://127.0.0.1:5000", "http", "127.0.0.1:5000");
-        ok("docker.io", "https://mirror.example/", "https", "mirror.example");
-        ok("ghcr.io", "https://m.example:8443/v2", "https", "m.example:8443");
+        ok(
+            "docker.io",
+            "http://127.0.0.1:5000",
+            "http",
+            "127.0.0.1:5000",
+        );
+        ok(
+            "docker.io",
+            "https://mirror.example/",
+            "https",
+            "mirror.example",
+        );
+        ok(
+            "ghcr.io",
+            "https://m.example:8443/v2",
+            "https",
+            "m.example:8443",
+        );
         ok("localhost:5000", "http://[::1]:5001", "http", "[::1]:5001");
         for (reg, url, why) in [
             ("docker.io", "ftp://x", "scheme"),

@@ -11,6 +11,7 @@
 //! tmp/                        extraction in progress (never looks like a layer)
 //! locks/                      one lock file per blob / layer being written
 //! refs.json                   "registry/repository:tag" → manifest digest
+//! images/, mounts/            image records and live mounts (see `cache.rs`)
 //! ```
 //!
 //! Invariants: a blob or layer appears under its digest only after it verified (written to
@@ -18,6 +19,7 @@
 //! a file lock and the second finds the first's result. The store knows nothing of HTTP: it
 //! pulls bytes through [`BlobSource`].
 
+mod cache;
 mod estargz;
 mod pipeline;
 
@@ -30,6 +32,10 @@ use std::path::{Path, PathBuf};
 use crate::layer::index::{DataRef, LayerIndex};
 use crate::oci::Digest;
 
+pub use cache::{
+    Corrupt, ImageRecord, ImageUsage, LayerRecord, LiveMount, MountRegistration, Removed, Usage,
+    format_size, parse_size, plan_eviction,
+};
 pub use estargz::{LazyLayer, LazyState, RangeSource, has_toc};
 pub use pipeline::{BlobBody, BlobSource, LayerEvent, LayerJob, SourceError};
 

@@ -1,6 +1,7 @@
 //! The one integration-test binary: drives the real `imagefs` executable against real
 //! registries (Debian's `docker-registry`) and real FUSE mounts.
 
+mod cache;
 mod cli_pull;
 mod estargz;
 mod fs_mount;
