@@ -30,6 +30,8 @@ pub struct Context {
     pub tty: bool,
     /// `--cache-max-size` (or `cache_max_size` in `<cache>/config.toml`).
     pub cache_max: Option<u64>,
+    /// Decompression bounds for every layer.
+    pub limits: crate::layer::decompress::Limits,
 }
 
 impl Context {
@@ -62,6 +64,7 @@ impl Context {
             quiet: g.quiet,
             tty: std::io::stderr().is_terminal(),
             cache_max,
+            limits: limits(g)?,
         })
     }
 }
@@ -91,6 +94,22 @@ fn cache_max_size(g: &GlobalOpts, cache: &std::path::Path) -> anyhow::Result<Opt
         .map(|s| crate::store::parse_size(&s))
         .transpose()
         .map_err(|e| anyhow::anyhow!("{}: cache_max_size: {e}", path.display()))
+}
+
+/// Decompression-bomb bounds from `--max-layer-size` and `--max-expansion`.
+fn limits(g: &GlobalOpts) -> anyhow::Result<crate::layer::decompress::Limits> {
+    let mut l = crate::layer::decompress::Limits::default();
+    if let Some(s) = &g.max_layer_size {
+        l.max_size =
+            crate::store::parse_size(s).map_err(|e| anyhow::anyhow!("--max-layer-size: {e}"))?;
+    }
+    if let Some(r) = g.max_expansion {
+        if r == 0 {
+            bail!("--max-expansion must be at least 1");
+        }
+        l.max_ratio = r;
+    }
+    Ok(l)
 }
 
 /// Evict least recently used images until the cache fits its bound, if it has one. Images
@@ -265,6 +284,8 @@ pub struct Resolved {
     pub manifest: ImageManifest,
     pub config_bytes: Vec<u8>,
     pub config: ImageConfig,
+    /// How far its layers may expand (`--max-layer-size`, `--max-expansion`).
+    pub limits: crate::layer::decompress::Limits,
 }
 
 impl Resolved {
@@ -375,6 +396,7 @@ pub async fn resolve(ctx: &Context, reference: &Reference) -> anyhow::Result<Res
         manifest,
         config_bytes,
         config,
+        limits: ctx.limits,
     })
 }
 

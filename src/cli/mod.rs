@@ -79,6 +79,13 @@ pub struct GlobalOpts {
         value_name = "SIZE"
     )]
     pub cache_max_size: Option<String>,
+    /// Largest uncompressed size of one layer (e.g. 64G); larger layers are refused as
+    /// decompression bombs [default: 256G]
+    #[arg(long, global = true, value_name = "SIZE")]
+    pub max_layer_size: Option<String>,
+    /// Largest ratio uncompressed / compressed of a layer past its first 64 MiB [default: 1024]
+    #[arg(long, global = true, value_name = "RATIO")]
+    pub max_expansion: Option<u64>,
     /// Use only the cache; never contact a registry
     #[arg(long, global = true)]
     pub offline: bool,

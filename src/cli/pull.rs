@@ -9,7 +9,6 @@ use clap::Args;
 
 use super::common::{self, Context, RegistrySource, Resolved};
 use super::progress::Reporter;
-use crate::layer::decompress::Limits;
 use crate::store::{BlobSource, LayerJob, Store};
 
 #[derive(Debug, Args)]
@@ -51,7 +50,7 @@ pub fn layer_jobs(resolved: &Resolved) -> anyhow::Result<Vec<LayerJob>> {
                 compression: desc
                     .compression()
                     .with_context(|| format!("layer {}", desc.digest))?,
-                limits: Limits::default(),
+                limits: resolved.limits,
                 attempts: 4,
             })
         })

@@ -1142,3 +1142,47 @@ fn two_concurrent_pulls_into_one_cache_fetch_each_layer_once() {
         expected_rows(&image, "cached")
     );
 }
+
+#[test]
+fn decompression_limits_are_configurable_and_refuse_the_layer() {
+    let registry = Registry::start(Auth::Anonymous);
+    // 8 MiB of zeros: a few KiB of gzip.
+    let image = ImageBuilder::new(Format::Oci)
+        .layer(Layer::new(
+            &[Entry::file("zeros", vec![0u8; 8 << 20])],
+            Compression::Gzip,
+        ))
+        .build();
+    registry.push_image("bomb", "v1", &image);
+    let reference = registry.reference("bomb:v1");
+    let imagefs = Imagefs::new();
+    for flags in [
+        &["--max-layer-size", "4M"][..],
+        &["--max-expansion", "8"][..],
+    ] {
+        let mut args = flags.to_vec();
+        args.extend(["pull", "-q", &reference]);
+        // The ratio is checked once 64 MiB came out: below that, only the size bound bites.
+        let out = imagefs.cmd(args).run();
+        if flags[0] == "--max-layer-size" {
+            out.assert_failure_contains("decompression bomb");
+            assert!(
+                !imagefs
+                    .cache_dir()
+                    .join("layers/sha256")
+                    .join(image.layers[0].diff_id.trim_start_matches("sha256:"))
+                    .exists()
+            );
+        } else {
+            out.assert_success();
+        }
+    }
+    let out = imagefs
+        .cmd(["--max-expansion", "0", "pull", &reference])
+        .run();
+    out.assert_failure_contains("--max-expansion");
+    imagefs
+        .cmd(["--max-layer-size", "16M", "pull", "-q", &reference])
+        .run()
+        .assert_success();
+}
