@@ -132,16 +132,16 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// An eStargz image: `big` (3 chunks), `small`, `other`.
-struct Written {
-    big: Vec<u8>,
-    blob: Vec<u8>,
+pub(crate) struct Written {
+    pub(crate) big: Vec<u8>,
+    pub(crate) blob: Vec<u8>,
     tar: Vec<u8>,
     toc_digest: String,
     /// The chunks of `big`, in file order.
     big_chunks: Vec<Chunk>,
 }
 
-fn written() -> Written {
+pub(crate) fn written() -> Written {
     let big = noise(3 * CHUNK as usize - 1000, 1);
     let file = |path: &str, content: &[u8]| {
         let mut e = IndexEntry::new(path, EntryKind::File, 0o644);
@@ -190,7 +190,7 @@ fn written() -> Written {
     }
 }
 
-fn push(registry: &Registry, repo: &str, blob: Vec<u8>, w: &Written) -> String {
+pub(crate) fn push(registry: &Registry, repo: &str, blob: Vec<u8>, w: &Written) -> String {
     let layer = Layer::from_parts(w.tar.clone(), blob, Compression::Gzip);
     let digest = layer.digest.clone();
     let image = ImageBuilder::new(Format::Oci)

@@ -4,6 +4,7 @@
 mod cache;
 mod cli_pull;
 mod estargz;
+mod faults;
 mod fs_mount;
 mod harness;
 mod mirrors;

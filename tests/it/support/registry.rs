@@ -174,6 +174,36 @@ impl Registry {
         );
     }
 
+    /// Kill the registry process (as a crash would); its storage and address stay, for
+    /// [`Registry::restart`].
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start the registry again on the same address and storage (after [`Registry::stop`]).
+    pub fn restart(&mut self) {
+        let config_path = self.dir.path().join("config.yml");
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .expect("open registry log");
+        self.child = Command::new(registry_bin())
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("restart docker-registry");
+        assert!(
+            wait_ready(&mut self.child, &self.addr),
+            "the registry did not come back on {}:\n{}",
+            self.addr,
+            self.log()
+        );
+    }
+
     /// `127.0.0.1:PORT`, the registry part of an image reference.
     pub fn addr(&self) -> &str {
         &self.addr
