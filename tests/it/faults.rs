@@ -240,3 +240,57 @@ fn a_daemon_killed_during_extraction_leaves_a_cleanable_mount_and_a_recoverable_
     m.unmount();
     assert_store_consistent(&imagefs);
 }
+
+#[test]
+fn two_mounts_of_one_image_and_32_cold_readers_fetch_each_blob_once() {
+    let registry = Registry::start(Auth::Anonymous);
+    // 32 files of distinct content over two layers.
+    let files = |from: usize, seed: u64| -> Vec<Entry> {
+        let mut v = vec![Entry::dir("f")];
+        v.extend(
+            (from..from + 16)
+                .map(|i| Entry::file(format!("f/{i:02}"), noise(64 << 10, seed + i as u64))),
+        );
+        v
+    };
+    let image = ImageBuilder::new(Format::Oci)
+        .layer(Layer::new(&files(0, 100), Compression::Gzip))
+        .layer(Layer::new(&files(16, 100), Compression::Zstd))
+        .build();
+    registry.push_image("many", "v1", &image);
+    let reference = registry.reference("many:v1");
+    let imagefs = Imagefs::new();
+    let m1 = Mount::new(&imagefs, &[], &reference);
+    let m2 = Mount::new(&imagefs, &[], &reference);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(32));
+    let readers: Vec<_> = (0..32usize)
+        .map(|i| {
+            let path = if i % 2 == 0 {
+                m1.p(format!("f/{i:02}"))
+            } else {
+                m2.p(format!("f/{i:02}"))
+            };
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                (i, fs::read(path))
+            })
+        })
+        .collect();
+    for r in readers {
+        let (i, got) = r.join().unwrap();
+        assert_eq!(got.unwrap(), noise(64 << 10, 100 + i as u64), "file {i}");
+    }
+    for l in &image.layers {
+        assert_eq!(
+            registry.blob_fetches(&l.digest),
+            1,
+            "{}:\n{}",
+            l.digest,
+            registry.log()
+        );
+    }
+    m1.unmount();
+    m2.unmount();
+    assert_store_consistent(&imagefs);
+}
