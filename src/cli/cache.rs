@@ -25,7 +25,7 @@ pub enum CacheCommand {
     Du,
     /// Evict images no live mount uses (least recently used first)
     Prune(PruneArgs),
-    /// Re-hash every blob; report and drop the corrupt ones
+    /// Re-hash every blob and cached eStargz chunk; report and drop the corrupt ones
     Verify,
     /// Remove blobs, layers and chunk caches that no image uses
     Gc(GcArgs),
@@ -143,7 +143,10 @@ pub fn run(ctx: &Context, args: CacheArgs) -> anyhow::Result<ExitCode> {
             for c in &corrupt {
                 println!("corrupt {}: {}", c.path.display(), c.reason);
             }
-            println!("verified {checked} blob(s), {} corrupt", corrupt.len());
+            println!(
+                "verified {checked} blob(s) and eStargz chunk(s), {} corrupt",
+                corrupt.len()
+            );
             if !corrupt.is_empty() {
                 return Ok(ExitCode::FAILURE);
             }

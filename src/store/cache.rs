@@ -489,10 +489,39 @@ impl Store {
         Ok(removed)
     }
 
-    /// Re-hash every blob against its name; drop the ones that do not match.
+    /// Re-hash every blob against its name (dropping the ones that do not match) and every
+    /// locally present eStargz chunk against its `chunkDigest` (forgetting the bad ones, so
+    /// they are fetched again). Returns how many blobs and chunks were checked.
     pub fn verify(&self) -> Result<(usize, Vec<Corrupt>), StoreError> {
         let mut checked = 0;
         let mut corrupt = Vec::new();
+        for alg in ["sha256", "sha512"] {
+            let Ok(entries) = fs::read_dir(self.root.join("estargz").join(alg)) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let Some(blob) = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| format!("{alg}:{n}").parse::<Digest>().ok())
+                else {
+                    continue;
+                };
+                let Some(layer) = self.load_lazy_layer(&blob, None)? else {
+                    continue;
+                };
+                let (n, bad) = layer.verify_local()?;
+                checked += n;
+                for (id, chunk) in bad {
+                    corrupt.push(Corrupt {
+                        path: e.path().join("data").join(id.to_string()),
+                        reason: format!(
+                            "chunk {chunk} does not match its chunkDigest; it will be fetched again"
+                        ),
+                    });
+                }
+            }
+        }
         for alg in ["sha256", "sha512"] {
             let dir = self.root.join("blobs").join(alg);
             let Ok(entries) = fs::read_dir(&dir) else {

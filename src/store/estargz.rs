@@ -632,6 +632,60 @@ fn read_present(log: &mut File, chunks: &ChunkMap) -> io::Result<HashSet<(u32, u
     Ok(set)
 }
 
+impl LazyLayer {
+    /// Re-hash every chunk recorded as present against its `chunkDigest`; the ones that no
+    /// longer match (the data file was damaged) are dropped from the `present` log, so they
+    /// are fetched again when read. Returns how many chunks were checked, and the bad ones
+    /// as (file id, chunk number).
+    pub fn verify_local(&self) -> Result<(usize, Vec<(u32, u32)>), StoreError> {
+        let present: Vec<(u32, u32)> = {
+            let mut v: Vec<_> = self
+                .present
+                .lock()
+                .expect("present lock")
+                .iter()
+                .copied()
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        let mut bad = Vec::new();
+        for &(id, n) in &present {
+            let data = DataRef { id };
+            let Some(chunk) = self.chunks.chunks(data).and_then(|c| c.get(n as usize)) else {
+                continue;
+            };
+            let Some(want) = &chunk.chunk_digest else {
+                continue;
+            };
+            let path = self.data_path(data);
+            let mut buf = vec![0u8; chunk.chunk_size as usize];
+            let ok = File::open(&path)
+                .and_then(|f| f.read_exact_at(&mut buf, chunk.chunk_offset))
+                .is_ok_and(|()| want.verify(&buf).is_ok());
+            if !ok {
+                bad.push((id, n));
+            }
+        }
+        if !bad.is_empty() {
+            let keep: Vec<u8> = present
+                .iter()
+                .filter(|c| !bad.contains(c))
+                .flat_map(|(id, n)| id.to_le_bytes().into_iter().chain(n.to_le_bytes()))
+                .collect();
+            let log = self.dir.join("present");
+            let tmp = self.dir.join("present.verify");
+            fs::write(&tmp, &keep).map_err(io_err(&tmp))?;
+            fs::rename(&tmp, &log).map_err(io_err(&log))?;
+            let mut set = self.present.lock().expect("present lock");
+            for c in &bad {
+                set.remove(c);
+            }
+        }
+        Ok((present.len(), bad))
+    }
+}
+
 /// Whether `dir` holds a stored TOC (for `imagefs layers`).
 pub fn has_toc(dir: &Path) -> bool {
     dir.join("toc.json").is_file()

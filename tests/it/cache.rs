@@ -282,3 +282,46 @@ fn cache_max_size_bounds_the_store_during_pulls() {
     let out = imagefs.cmd(["cache", "du"]).run();
     out.assert_failure_contains("cache_max_size");
 }
+
+#[test]
+fn verify_forgets_a_damaged_estargz_chunk_and_a_read_fetches_it_again() {
+    let registry = Registry::start(Auth::Anonymous);
+    let w = crate::estargz::written();
+    let blob_digest = crate::estargz::push(&registry, "lazy", w.blob.clone(), &w);
+    let reference = registry.reference("lazy:v1");
+    let imagefs = Imagefs::new();
+    let m = Mount::new_with(&imagefs, &[], &["--prefetch", "none"], &reference);
+    assert_eq!(fs::read(m.p("data/big")).unwrap(), w.big);
+    m.unmount();
+    imagefs.cmd(["cache", "verify"]).run().assert_success();
+
+    // Damage the middle of `big`'s local copy (the largest data file).
+    let data = imagefs
+        .cache_dir()
+        .join("estargz/sha256")
+        .join(blob_digest.trim_start_matches("sha256:"))
+        .join("data");
+    let big = fs::read_dir(&data)
+        .unwrap()
+        .flatten()
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .path();
+    let mut bytes = fs::read(&big).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&big, bytes).unwrap();
+
+    let out = imagefs.cmd(["cache", "verify"]).run();
+    assert!(!out.status.success(), "{}", out.report());
+    assert!(out.stdout_str().contains("chunkDigest"), "{}", out.report());
+    let before = registry.blob_gets(&blob_digest);
+    let m = Mount::new_with(&imagefs, &[], &["--prefetch", "none"], &reference);
+    assert_eq!(fs::read(m.p("data/big")).unwrap(), w.big);
+    m.unmount();
+    assert!(
+        registry.blob_gets(&blob_digest) > before,
+        "the chunk was not fetched again"
+    );
+    imagefs.cmd(["cache", "verify"]).run().assert_success();
+}
