@@ -435,7 +435,7 @@ class Bench:
         lines.append("# Benchmarks\n")
         lines.append(f"Written by `scripts/bench` on {datetime.date.today().isoformat()} "
                      f"(run took {time.perf_counter() - started:.0f} s). Machine: {self.machine()}. "
-                     f"imagefs {sh(f'{IMAGEFS} --version').strip()} (release build); "
+                     f"{sh(f'{IMAGEFS} --version').strip()} (release build); "
                      f"{sh('skopeo --version').strip()}; {sh('umoci --version').strip()}; "
                      f"registry: distribution {sh('docker-registry --version').split()[2]} on 127.0.0.1.\n")
         lines.append(f"Every figure: median of {self.runs} runs (min–max). A/B runs alternate. "
