@@ -256,15 +256,7 @@ impl ImageFs {
             open.handles += 1;
             return Ok(open.backing.clone());
         }
-        // Blocks until the layer is local; other inodes keep being served meanwhile.
-        let file = self
-            .backend
-            .open(layer, data)
-            .map_err(|source| OpError::Data {
-                layer,
-                id: data.id,
-                source,
-            })?;
+        let file = self.backing_file(layer, data)?;
         let complete = self.backend.is_complete(layer, data);
         // Passthrough reads never reach us, so only complete files may use it.
         let backing = if self.passthrough && complete {
@@ -342,6 +334,18 @@ impl ImageFs {
         Ok(())
     }
 
+    /// The local file holding content `data` of `layer`. Blocks until the layer is local;
+    /// other inodes keep being served meanwhile.
+    fn backing_file(&self, layer: u32, data: DataRef) -> Result<File, OpError> {
+        self.backend
+            .open(layer, data)
+            .map_err(|source| OpError::Data {
+                layer,
+                id: data.id,
+                source,
+            })
+    }
+
     /// The backing file of `ino` for a read without a file handle, from the fd cache or
     /// opened now (which waits for the layer like `open` does).
     fn handle_less_file(
@@ -353,15 +357,7 @@ impl ImageFs {
         if let Some(f) = self.files.lock().unwrap().get(&ino) {
             return Ok(f.clone());
         }
-        let file = self
-            .backend
-            .open(layer, data)
-            .map_err(|source| OpError::Data {
-                layer,
-                id: data.id,
-                source,
-            })?;
-        let file = Arc::new(file);
+        let file = Arc::new(self.backing_file(layer, data)?);
         // A race with another reader costs one extra open; the last insert wins.
         let evicted = self.files.lock().unwrap().push(ino, file.clone());
         drop(evicted);

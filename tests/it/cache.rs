@@ -9,21 +9,8 @@ use std::path::Path;
 
 use crate::support::mounts::Mount;
 use crate::support::{
-    Auth, Compression, Entry, Format, Image, ImageBuilder, Imagefs, Layer, Registry,
+    Auth, Compression, Entry, Format, Image, ImageBuilder, Imagefs, Layer, Registry, noise,
 };
-
-/// Bytes that do not compress, so that sizes are predictable.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// A 1 MiB base layer shared by every image, and a 2 MiB layer of each image's own.
 fn images() -> (Layer, Image, Image) {

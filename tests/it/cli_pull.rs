@@ -51,19 +51,6 @@ fn three_layer_image(format: Format, seed: &str) -> Image {
         .build()
 }
 
-/// `bytes` of deterministic noise (xorshift), which gzip cannot shrink.
-fn noise(bytes: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..bytes)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// The hex part of `sha256:HEX`.
 fn hex(digest: &str) -> &str {
     digest.strip_prefix("sha256:").expect("a sha256 digest")

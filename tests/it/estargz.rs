@@ -21,7 +21,7 @@ use crate::support::adversary::{Adversary, Recorded, Reply};
 use crate::support::mounts::{Mount, TIMEOUT, wait_until};
 use crate::support::{
     AccessLine, Auth, Compression, Entry, Format, ImageBuilder, Imagefs, Layer, Registry,
-    fixture_path, skopeo_copy_fixture,
+    fixture_path, noise, skopeo_copy_fixture,
 };
 
 /// Chunk size of the written images: big enough that kernel readahead inside the middle
@@ -116,19 +116,6 @@ fn fixture_estargz_reads_one_file_with_a_few_small_ranges() {
 #[test]
 fn fixture_estargz_optimized_reads_one_file_with_a_few_small_ranges() {
     check_estargz_fixture("busybox-estargz-opt.oci.tar", "estargz-opt");
-}
-
-/// Bytes that deflate does not shrink much, so that each chunk has a sizeable member.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// An eStargz image: `big` (3 chunks), `small`, `other`.

@@ -9,21 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::support::mounts::{Mount, TIMEOUT, is_mounted, umount_cmd, wait_until};
 use crate::support::{
-    Auth, Compression, Entry, Format, Image, ImageBuilder, Imagefs, Layer, Registry,
+    Auth, Compression, Entry, Format, Image, ImageBuilder, Imagefs, Layer, Registry, noise,
 };
-
-/// Bytes that do not compress.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// A small base layer and a `big_mib` MiB layer that takes a while to fetch and extract.
 fn image(big_mib: usize) -> Image {
