@@ -145,16 +145,7 @@ impl Registry {
             let yaml = format!("{}{extra_yaml}", config_yaml(&storage, &addr, &auth_yaml));
             fs::write(&config_path, yaml).expect("write registry config");
             let log = fs::File::create(&log_path).expect("create registry log");
-            let mut child = Command::new(registry_bin())
-                .arg("serve")
-                .arg(&config_path)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("clone log handle"))
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!("cannot run {}: {e} (run scripts/setup)", registry_bin())
-                });
+            let mut child = serve(&config_path, log);
             if wait_ready(&mut child, &addr) {
                 return Registry {
                     child,
@@ -188,14 +179,7 @@ impl Registry {
             .append(true)
             .open(&self.log_path)
             .expect("open registry log");
-        self.child = Command::new(registry_bin())
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log)
-            .spawn()
-            .expect("restart docker-registry");
+        self.child = serve(&config_path, log);
         assert!(
             wait_ready(&mut self.child, &self.addr),
             "the registry did not come back on {}:\n{}",
@@ -305,6 +289,18 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `docker-registry serve CONFIG`, logging to `log`.
+fn serve(config_path: &Path, log: fs::File) -> Child {
+    Command::new(registry_bin())
+        .arg("serve")
+        .arg(config_path)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log handle"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e} (run scripts/setup)", registry_bin()))
 }
 
 fn registry_bin() -> String {
