@@ -56,9 +56,11 @@ pub struct GlobalOpts {
     /// Read the registry password from standard input
     #[arg(long, global = true)]
     pub password_stdin: bool,
-    /// Network timeout per attempt: connect, and silence on an open connection (e.g. 30s, 2m,
-    /// 500ms); failed attempts are retried up to 4 times with backoff
-    #[arg(long, global = true, default_value = "30s", value_parser = parse_duration)]
+    /// Network timeout: connect, and silence on an open connection (e.g. 15s, 2m, 500ms).
+    /// Failed connections are retried (up to 4 times, with backoff) only within this time, so
+    /// a read of remote data through a mount fails within about twice this when the registry
+    /// is unreachable
+    #[arg(long, global = true, default_value = "15s", value_parser = parse_duration)]
     pub timeout: Duration,
     /// Pull mirror for a registry, tried before it: REGISTRY=URL, e.g.
     /// docker.io=http://127.0.0.1:5000 (repeatable; tried in order, then hosts.toml mirrors,

@@ -485,11 +485,19 @@ impl Client {
         let scope = auth::pull_scope(call.repository.as_deref());
         let mut attempt = 0;
         let mut reauthenticated = false;
+        // Connection failures are retried only while the first attempt is younger than
+        // `timeout`: against a host that has gone silent (no RST), every attempt waits out the
+        // connect timeout, and a FUSE read must fail within about one timeout, not five.
+        let started = std::time::Instant::now();
         loop {
             let sent = self.authorization(call, scope.as_deref()).await?;
             let (response, url) = match self.send_once(call, sent.header.clone()).await {
                 Ok(ok) => ok,
-                Err(e) if e.is_transient() && attempt < max_retries => {
+                Err(e)
+                    if e.is_transient()
+                        && attempt < max_retries
+                        && started.elapsed() < self.inner.config.timeout =>
+                {
                     tracing::debug!(error = %e, attempt, "retrying");
                     tokio::time::sleep(backoff(attempt)).await;
                     attempt += 1;

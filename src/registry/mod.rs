@@ -123,7 +123,7 @@ impl Default for ClientConfig {
             plain_http: false,
             ca_certs: Vec::new(),
             insecure_skip_tls_verify: false,
-            timeout: Duration::from_secs(30),
+            timeout: Duration::from_secs(15),
             credentials: None,
             use_docker_config: true,
             docker_config: None,

@@ -105,14 +105,18 @@ impl Store {
         }
 
         let mut attempt = 0;
+        let partial_len = || fs::metadata(self.partial_path(&job.digest)).map_or(0, |m| m.len());
         loop {
             attempt += 1;
+            let before = partial_len();
             match self.fetch_once(&source, job, &progress).await {
                 Ok(()) => {
                     progress(LayerEvent::Done);
                     return Ok(());
                 }
-                Err(Failure::Transient(e)) if attempt < job.attempts => {
+                // Resume only after progress: an attempt that got no byte failed to reach the
+                // registry, and the client already spent its retries (and its timeout) on that.
+                Err(Failure::Transient(e)) if attempt < job.attempts && partial_len() > before => {
                     progress(LayerEvent::Retrying {
                         attempt,
                         reason: e.to_string(),

@@ -281,3 +281,49 @@ fn two_mounts_of_one_image_and_32_cold_readers_fetch_each_blob_once() {
     m2.unmount();
     assert_store_consistent(&imagefs);
 }
+
+#[test]
+fn a_registry_gone_silent_is_eio_within_about_one_timeout() {
+    // A host that accepts connections and never answers (a black hole, not a refusal): each
+    // attempt waits out `--timeout`, so retries must stop once the timeout has passed.
+    let mut registry = Registry::start(Auth::Anonymous);
+    registry.push_image("gzip", "v1", &image(1));
+    let w = crate::estargz::written();
+    crate::estargz::push(&registry, "lazy", w.blob.clone(), &w);
+    let imagefs = Imagefs::new();
+    let plain = Mount::new(
+        &imagefs,
+        &["--timeout", "2s"],
+        &registry.reference("gzip:v1"),
+    );
+    let lazy = Mount::new_with(
+        &imagefs,
+        &["--timeout", "2s"],
+        &["--prefetch", "none"],
+        &registry.reference("lazy:v1"),
+    );
+    assert_eq!(fs::read(lazy.p("data/small")).unwrap(), b"small file\n");
+    registry.stop();
+    let silent = std::net::TcpListener::bind(registry.addr()).unwrap();
+
+    for (what, path) in [
+        ("first access of a gzip image", plain.p("etc/os-release")),
+        ("a remote eStargz chunk", lazy.p("data/big")),
+    ] {
+        let (r, took) = timed_read(&path);
+        eprintln!("MEASURE {what} with the registry silent: {r:?} after {took:?}");
+        assert_eq!(r.unwrap_err(), Some(libc::EIO), "{what}");
+        assert!(took < Duration::from_secs(10), "{what} took {took:?}");
+    }
+    assert_eq!(fs::read(lazy.p("data/small")).unwrap(), b"small file\n");
+
+    drop(silent);
+    registry.restart();
+    assert_eq!(
+        fs::read_to_string(plain.p("etc/os-release")).unwrap(),
+        "ID=faults\n"
+    );
+    assert_eq!(fs::read(lazy.p("data/big")).unwrap(), w.big);
+    plain.unmount();
+    lazy.unmount();
+}
