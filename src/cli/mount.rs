@@ -360,7 +360,13 @@ impl ImageBackend {
             "image tree ready"
         );
         let _ = self.lazy.set(lazy);
-        common::enforce_cache_bound(&self.store, self.cache_max, &self.resolved.manifest_digest);
+        // Sizing the cache walks every layer directory: not on the first reader's path.
+        if self.cache_max.is_some() {
+            let (store, max) = (self.store.clone(), self.cache_max);
+            let image = self.resolved.manifest_digest.clone();
+            self.rt
+                .spawn_blocking(move || common::enforce_cache_bound(&store, max, &image));
+        }
         self.start_prefetch();
         Ok(tree)
     }
@@ -678,56 +684,12 @@ fn resolve_mountpoint(p: &Path) -> anyhow::Result<PathBuf> {
 /// Whether `mp` is a mount point, from /proc/self/mountinfo (field 5, where the kernel writes
 /// space, tab, newline and backslash as octal escapes like `\040`).
 pub fn is_mounted(mp: &Path) -> anyhow::Result<bool> {
-    use std::os::unix::ffi::OsStrExt;
-    let info = std::fs::read("/proc/self/mountinfo")?;
-    let want = mp.as_os_str().as_bytes();
-    Ok(info.split(|&b| b == b'\n').any(|l| {
-        l.split(|&b| b == b' ')
-            .nth(4)
-            .map(unescape_mountinfo)
-            .as_deref()
-            == Some(want)
-    }))
-}
-
-fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        let octal = field
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) if field[i] == b'\\' => {
-                out.push((d[0] - b'0') << 6 | (d[1] - b'0') << 3 | (d[2] - b'0'));
-                i += 4;
-            }
-            _ => {
-                out.push(field[i]);
-                i += 1;
-            }
-        }
-    }
-    out
+    Ok(crate::fs::mount_device(mp)?.is_some())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_decoded() {
-        let cases: [(&[u8], &[u8]); 5] = [
-            (b"/mnt/plain", b"/mnt/plain"),
-            (b"/mnt/with\\040space", b"/mnt/with space"),
-            (b"/a\\011tab\\012nl\\134bs", b"/a\ttab\nnl\\bs"),
-            (b"/trailing\\04", b"/trailing\\04"),
-            (b"/not\\0x1octal", b"/not\\0x1octal"),
-        ];
-        for (field, want) in cases {
-            assert_eq!(unescape_mountinfo(field), want, "{}", field.escape_ascii());
-        }
-    }
 
     #[test]
     fn mount_points_resolve_through_symlinks_and_dot_dot() {

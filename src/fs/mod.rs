@@ -23,6 +23,9 @@ mod attr;
 mod errno;
 mod filesystem;
 mod meta;
+mod mountinfo;
+
+pub use mountinfo::mount_device;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -277,18 +280,9 @@ impl Mounted {
 /// 128 KiB, 0.41–0.43 s at 4 MiB. Best effort: without the sysfs knob, reads still work.
 fn raise_read_ahead(mountpoint: &Path) {
     const READ_AHEAD_KB: u32 = 4096;
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    let Ok(Some(dev)) = mount_device(mountpoint) else {
         return;
     };
-    let want = mountpoint.as_os_str().as_encoded_bytes();
-    // Fields: id parent major:minor root mountpoint … (the mount point octal-escaped).
-    let dev = info.lines().rev().find_map(|line| {
-        let mut f = line.split(' ');
-        let dev = f.nth(2)?;
-        let mp = f.nth(1)?;
-        (mp.as_bytes() == want).then(|| dev.to_owned())
-    });
-    let Some(dev) = dev else { return };
     let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     if let Err(e) = std::fs::write(&knob, format!("{READ_AHEAD_KB}\n")) {
         tracing::debug!(%knob, "not raising readahead: {e}");

@@ -313,16 +313,18 @@ impl Store {
 
     /// Disk usage by kind, each entry counted once however many images share it.
     pub fn usage(&self) -> Usage {
-        let kind = |sub: &str| disk_bytes(&self.root.join(sub));
-        let blobs = kind("blobs");
-        let layers = kind("layers");
-        let estargz = kind("estargz");
-        Usage {
-            blobs,
-            layers,
-            estargz,
-            other: disk_bytes(&self.root).saturating_sub(blobs + layers + estargz),
+        // One walk: each top-level entry is counted in its kind.
+        let mut u = Usage::default();
+        for e in fs::read_dir(&self.root).into_iter().flatten().flatten() {
+            let bytes = disk_bytes(&e.path());
+            match e.file_name().to_str() {
+                Some("blobs") => u.blobs += bytes,
+                Some("layers") => u.layers += bytes,
+                Some("estargz") => u.estargz += bytes,
+                _ => u.other += bytes,
+            }
         }
+        u
     }
 
     /// Each recorded image with what it occupies and which live mounts use it.

@@ -251,12 +251,7 @@ impl Store {
 
     /// Write `bytes` to `path` via a temporary file and rename, so readers see all or nothing.
     pub(crate) fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-        let tmp = self.temp_path("w");
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, path).map_err(io_err(path))?;
-        Ok(())
+        self.write_via_temp(path, bytes, true)
     }
 
     /// [`Store::write_atomic`] without the fsync, for caches of verified data whose loss or
@@ -266,8 +261,16 @@ impl Store {
         path: &Path,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
+        self.write_via_temp(path, bytes, false)
+    }
+
+    fn write_via_temp(&self, path: &Path, bytes: &[u8], sync: bool) -> Result<(), StoreError> {
         let tmp = self.temp_path("w");
-        fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(bytes).map_err(io_err(&tmp))?;
+        if sync {
+            f.sync_all().map_err(io_err(&tmp))?;
+        }
         fs::rename(&tmp, path).map_err(io_err(path))?;
         Ok(())
     }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::support::noise;
 use imagefs::fs::{Backend, BackendError, FsError, MetaFiles, MountOptions};
 use imagefs::layer::index::{DataRef, Timespec, Xattr};
 use imagefs::overlay::{Content, Inode, InodeId, Meta, ROOT, Tree};
@@ -196,19 +197,6 @@ impl TreeBuilder {
     }
 }
 
-/// Deterministic, non-repeating-looking bytes.
-fn pattern(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x1234_5678;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 const BIG_LEN: usize = 300 * 1024 + 17;
 const MANY: usize = 500;
 const OWNED_MTIME: Timespec = Timespec {
@@ -223,7 +211,7 @@ fn sample_tree(data: &Path) -> Tree {
     let bin = b.dir(ROOT, b"bin", 0o755);
     let sh = b.file(bin, b"sh", 0o4755, 0, b"#!/bin/true\n");
     b.hardlink(bin, b"sh-link", sh);
-    b.file(ROOT, b"big", 0o644, 1, &pattern(BIG_LEN));
+    b.file(ROOT, b"big", 0o644, 1, &noise(BIG_LEN, 1));
     b.file(ROOT, b"empty", 0o644, 1, b"");
     b.file(ROOT, b"caf\xe9", 0o644, 0, b"latin-1 name\n");
     b.add(
@@ -645,7 +633,7 @@ fn check_reads(passthrough: bool) {
     );
 
     // Whole file (several 128 KiB+ requests), then odd offsets and lengths.
-    let want = pattern(BIG_LEN);
+    let want = noise(BIG_LEN, 1);
     assert_eq!(fs::read(m.p("big")).unwrap(), want);
     let f = File::open(m.p("big")).unwrap();
     for (offset, len) in [
@@ -1025,7 +1013,7 @@ fn unmounter_ends_run_and_detaches_a_busy_mount() {
             // Still served for the open file until it is closed.
             let mut b = [0u8; 4];
             open.read_exact_at(&mut b, 0).unwrap();
-            assert_eq!(b[..], pattern(4)[..]);
+            assert_eq!(b[..], noise(4, 1)[..]);
             drop(open);
         }
         let r = rx

@@ -26,7 +26,7 @@ use crate::support::sparse::{
     Segment, expanded_sha256, gnu_sparse_entry, pax_sparse_entry, tar_with_raw,
 };
 use crate::support::tree::{self, Compare, Snapshot, Walk};
-use crate::support::{Auth, image::DEFAULT_MTIME};
+use crate::support::{Auth, image::DEFAULT_MTIME, noise};
 use crate::support::{
     Cmd, Compression, Entry, Format, Image, ImageBuilder, Imagefs, IndexBuilder, Layer, Registry,
     fixture_path, sha256_digest, skopeo_copy_fixture,
@@ -40,19 +40,6 @@ const META_FILES: [&str; 4] = [".config.json", ".manifest.json", ".digest", ".id
 const CAP_V2: [u8; 20] = [
     0x01, 0x00, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
 ];
-
-/// Deterministic bytes that do not compress to nothing.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 /// The mounted tree. The root is listed first: until something needs the image tree, `stat`
 /// of the mount root answers placeholder attributes (0755, root, mtime 0, not cached) so that
@@ -102,7 +89,7 @@ fn rule_layers() -> [Vec<Entry>; 3] {
         Entry::file("etc/os-release", "ID=imagefs-oracle\nNAME=\"first\"\n"),
         Entry::file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
         Entry::dir("bin"),
-        Entry::file("bin/busybox", pattern(300_000, 1)).mode(0o755),
+        Entry::file("bin/busybox", noise(300_000, 1)).mode(0o755),
         Entry::symlink("bin/sh", "busybox"),
         Entry::symlink("abs", "/etc/os-release"),
         Entry::symlink("dangling", "nowhere/at/all"),
@@ -226,8 +213,8 @@ fn rule_layers() -> [Vec<Entry>; 3] {
 fn sparse_segments() -> (u64, Vec<Segment>) {
     let size = (1u64 << 30) + (64 << 10) + 5;
     let segs = vec![
-        (0, pattern(512, 6)),
-        ((1 << 30) + 12_345, pattern(96 * 512, 7)),
+        (0, noise(512, 6)),
+        ((1 << 30) + 12_345, noise(96 * 512, 7)),
         (size - 5, b"tail!".to_vec()),
     ];
     (size, segs)
@@ -575,7 +562,7 @@ fn two_layer_image() -> Image {
         .layer(Layer::new(
             &[
                 Entry::dir("data"),
-                Entry::file("data/blob", pattern(1 << 20, 3)),
+                Entry::file("data/blob", noise(1 << 20, 3)),
             ],
             Compression::Zstd,
         ))
@@ -844,7 +831,7 @@ fn runc_runs_a_container_with_the_mount_as_read_only_rootfs() {
 #[test]
 fn concurrent_cold_readers_get_the_same_bytes_from_one_fetch() {
     let registry = Registry::start(Auth::Anonymous);
-    let content = pattern(24 << 20, 11);
+    let content = noise(24 << 20, 11);
     let image = ImageBuilder::new(Format::Oci)
         .layer(Layer::new(
             &[Entry::dir(""), Entry::file("small", "s")],
@@ -964,7 +951,7 @@ impl Reader {
 #[test]
 fn umount_during_reads_detaches_and_the_daemon_exits() {
     let registry = Registry::start(Auth::Anonymous);
-    let content = pattern(32 << 20, 5);
+    let content = noise(32 << 20, 5);
     let want = sha256_digest(&content);
     let image = ImageBuilder::new(Format::Oci)
         .layer(Layer::new(
@@ -1239,7 +1226,7 @@ fn writes_fail_with_erofs() {
 #[test]
 fn first_read_waits_for_every_layer() {
     let registry = Registry::start(Auth::Anonymous);
-    let big = pattern(64 << 20, 9);
+    let big = noise(64 << 20, 9);
     let image = ImageBuilder::new(Format::Oci)
         .layer(Layer::new(
             &[
