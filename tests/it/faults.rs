@@ -327,3 +327,35 @@ fn a_registry_gone_silent_is_eio_within_about_one_timeout() {
     plain.unmount();
     lazy.unmount();
 }
+
+#[test]
+fn a_dead_daemons_mount_point_is_cleaned_by_fusermount3_too() {
+    let registry = Registry::start(Auth::Anonymous);
+    registry.push_image("dead", "v1", &image(1));
+    let reference = registry.reference("dead:v1");
+    let imagefs = Imagefs::new();
+    let m = Mount::new(&imagefs, &[], &reference);
+    assert_eq!(
+        fs::read_to_string(m.p("etc/os-release")).unwrap(),
+        "ID=faults\n"
+    );
+    // SAFETY: kill(2) on the daemon's pid.
+    assert_eq!(
+        unsafe { libc::kill(m.daemon_pid() as i32, libc::SIGKILL) },
+        0
+    );
+    let err = fs::read(m.p("etc/os-release")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    let mp = m.path().to_path_buf();
+    let out = crate::support::Cmd::program("fusermount3")
+        .args(["-u"])
+        .arg(&mp)
+        .run();
+    out.assert_success();
+    assert!(wait_until(TIMEOUT, || !is_mounted(&mp)));
+    drop(m);
+    // And the image mounts again from the cache.
+    let m = Mount::new(&imagefs, &["--offline"], &reference);
+    assert_eq!(fs::read(m.p("data/big")).unwrap(), noise(1 << 20, 5));
+    m.unmount();
+}
