@@ -25,7 +25,7 @@ mod filesystem;
 mod meta;
 mod mountinfo;
 
-pub use mountinfo::mount_device;
+pub use mountinfo::{IMAGEFS_FSTYPE, MountEntry, mount_at, mount_containing, mount_device};
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -57,6 +57,12 @@ pub trait Backend: Send + Sync + 'static {
     /// failure is logged and becomes EIO for the request that asked; the next request asks
     /// again (the backend decides whether to retry or repeat the error).
     fn tree(&self) -> Result<Arc<Tree>, BackendError>;
+
+    /// The merged tree if it is built already, without building it (never blocks on a
+    /// fetch): lets `stat` of the root show the image's attributes when they are known.
+    fn built_tree(&self) -> Option<Arc<Tree>> {
+        None
+    }
 
     /// Open the local file holding the content of a regular file (layer index, `DataRef`),
     /// read-only; blocks until it is local — or, for a file that is not
@@ -121,13 +127,28 @@ pub struct MountOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
-    #[error(
-        "cannot mount at {}: {source}; check that /dev/fuse exists and the mountpoint is an existing directory",
-        mountpoint.display()
-    )]
+    #[error("cannot mount at {}: {source}", mountpoint.display())]
     Mount {
         mountpoint: PathBuf,
         source: io::Error,
+    },
+    #[error(
+        "cannot mount at {}: /dev/fuse does not exist: load the FUSE module (`modprobe fuse`) \
+         or, in a container, pass the device in",
+        mountpoint.display()
+    )]
+    NoDevFuse { mountpoint: PathBuf },
+    #[error(
+        "cannot mount at {}: /dev/fuse is not readable and writable for uid {uid} (mode {mode:o}, \
+         owner uid {owner}): mount as root, or have an administrator make /dev/fuse 0666 \
+         (Debian's default)",
+        mountpoint.display()
+    )]
+    DevFuseDenied {
+        mountpoint: PathBuf,
+        uid: u32,
+        mode: u32,
+        owner: u32,
     },
     #[error("the FUSE session at {} failed: {source}", mountpoint.display())]
     Session {
@@ -218,7 +239,8 @@ pub fn mount(
     // Resolve the path before mounting: once the mount is live but not yet served, a lookup
     // that passes through it would wait on ourselves.
     let mountpoint = mountpoint.canonicalize().map_err(mount_err)?;
-    let mut session = fuser::Session::new(fs, &mountpoint, &config).map_err(mount_err)?;
+    let mut session = fuser::Session::new(fs, &mountpoint, &config)
+        .map_err(|source| mount_error(&mountpoint, source))?;
     let unmounter = Unmounter {
         inner: Arc::new(Mutex::new(session.unmount_callable())),
         mountpoint: mountpoint.clone(),
@@ -232,6 +254,26 @@ pub fn mount(
         mountpoint,
         unmounter,
     })
+}
+
+/// Why a mount failed, naming the real cause when it is `/dev/fuse` itself (fuser reports a
+/// bare "permission denied" for a root-only device, for instance).
+fn mount_error(mountpoint: &Path, source: io::Error) -> FsError {
+    use std::os::unix::fs::MetadataExt as _;
+    let mountpoint = mountpoint.to_path_buf();
+    match std::fs::metadata("/dev/fuse") {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => FsError::NoDevFuse { mountpoint },
+        // SAFETY: access(2) on a constant NUL-terminated path; geteuid has no preconditions.
+        Ok(m) if unsafe { libc::access(c"/dev/fuse".as_ptr(), libc::R_OK | libc::W_OK) } != 0 => {
+            FsError::DevFuseDenied {
+                mountpoint,
+                uid: unsafe { libc::geteuid() },
+                mode: m.mode() & 0o7777,
+                owner: m.uid(),
+            }
+        }
+        _ => FsError::Mount { mountpoint, source },
+    }
 }
 
 /// A live mount whose requests are not served yet.
