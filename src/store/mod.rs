@@ -22,6 +22,7 @@
 mod cache;
 mod estargz;
 mod pipeline;
+mod trust;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -38,6 +39,7 @@ pub use cache::{
 };
 pub use estargz::{LazyLayer, LazyState, RangeSource, has_toc};
 pub use pipeline::{BlobBody, BlobSource, LayerEvent, LayerJob, SourceError};
+pub use trust::{Untrusted, check_cache_dir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -75,6 +77,8 @@ pub enum StoreError {
     Corrupt { path: PathBuf, message: String },
     #[error("{what} {digest} is not in the cache")]
     Missing { what: &'static str, digest: Digest },
+    #[error(transparent)]
+    Untrusted(Box<Untrusted>),
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -91,9 +95,12 @@ pub struct Store {
 }
 
 impl Store {
-    /// Open (and create, 0700) the store at `root`.
+    /// Open (and create, 0700) the store at `root`, after checking that no other user than
+    /// the caller (and root) can change what it holds (see [`check_cache_dir`]).
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
         let root = root.into();
+        // SAFETY: geteuid has no preconditions.
+        check_cache_dir(&root, unsafe { libc::geteuid() })?;
         let mut b = fs::DirBuilder::new();
         b.recursive(true).mode(0o700);
         b.create(&root).map_err(io_err(&root))?;
