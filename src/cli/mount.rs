@@ -43,24 +43,38 @@ const READY_ENV: &str = "IMAGEFS_MOUNT_NOTIFY";
 pub struct MountArgs {
     /// Image reference, e.g. busybox, registry:5000/app:1.0, name@sha256:…
     pub reference: String,
-    /// An existing empty directory
+    /// An existing empty directory (not inside another imagefs mount)
     pub mountpoint: PathBuf,
     /// Stay in the foreground and serve until unmounted (SIGINT/SIGTERM unmount cleanly)
     #[arg(long, short = 'f')]
     pub foreground: bool,
-    /// Let users other than the mounting one access the mount
+    /// Let users other than the mounting one access the mount. With --suid or --dev, the
+    /// mount point must be in a directory other users cannot enter
     #[arg(long)]
     pub allow_other: bool,
+    /// Mount even if the mount point is not empty (its contents are hidden while mounted)
+    #[arg(long)]
+    pub nonempty: bool,
     /// FUSE worker threads
     #[arg(long, default_value_t = 8)]
     pub threads: usize,
     /// Do not use FUSE passthrough for local file data (serve reads with pread instead)
     #[arg(long)]
     pub no_passthrough: bool,
-    /// Do not honour setuid/setgid bits (they are honoured by default, as a rootfs needs)
+    /// Honour the image's setuid/setgid bits (off by default: an untrusted image's setuid
+    /// programs would run with their owner's rights)
+    #[arg(long, conflicts_with = "nosuid")]
+    pub suid: bool,
+    /// Allow opening the image's device nodes (off by default)
+    #[arg(long, conflicts_with = "nodev")]
+    pub dev: bool,
+    /// Mount for use as a container's root filesystem: --suid and --dev
+    #[arg(long, conflicts_with_all = ["nosuid", "nodev"])]
+    pub rootfs: bool,
+    /// Do not honour setuid/setgid bits (the default)
     #[arg(long)]
     pub nosuid: bool,
-    /// Do not allow opening device nodes of the image
+    /// Do not allow opening device nodes (the default)
     #[arg(long)]
     pub nodev: bool,
     /// What to fetch of eStargz layers beyond the files read: `landmark`: at the first access,
@@ -91,6 +105,8 @@ pub struct UmountArgs {
 }
 
 pub fn run(g: &GlobalOpts, mut args: MountArgs) -> anyhow::Result<ExitCode> {
+    // The daemon of a `mount` runs this again; its parent holds the mount point's lock.
+    let daemon = std::env::var_os(READY_ENV).is_some();
     let mp = &args.mountpoint;
     let meta = std::fs::metadata(mp).with_context(|| format!("mount point {}", mp.display()))?;
     if !meta.is_dir() {
@@ -103,24 +119,102 @@ pub fn run(g: &GlobalOpts, mut args: MountArgs) -> anyhow::Result<ExitCode> {
     let canonical = mp
         .canonicalize()
         .with_context(|| format!("mount point {}", mp.display()))?;
-    if is_mounted(&canonical)? {
-        bail!(
-            "{} is already a mount point: unmount it first (imagefs umount {})",
-            mp.display(),
-            mp.display()
-        );
+    // Held until the mount is live (or failed): a second `imagefs mount` on the same
+    // directory waits here, then finds it mounted.
+    let lock = match daemon {
+        true => None,
+        false => Some(lock_mountpoint(&canonical)?),
+    };
+    check_mountpoint(&canonical, mp, args.nonempty)?;
+    let (suid, dev) = (args.suid || args.rootfs, args.dev || args.rootfs);
+    if args.allow_other && (suid || dev) {
+        check_unreachable_by_others(&canonical)?;
     }
     args.mountpoint = canonical;
-    if args.foreground || std::env::var_os(READY_ENV).is_some() {
-        foreground(g, &args)
+    if args.foreground || daemon {
+        foreground(g, &args, lock)
     } else {
-        daemonise(g, &args)
+        let code = daemonise(g, &args)?;
+        drop(lock);
+        Ok(code)
     }
+}
+
+/// An exclusive `flock` on the mount point directory itself (the directory under the mount,
+/// once mounted). Waits for another `imagefs mount` of the same directory to finish.
+fn lock_mountpoint(mp: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let dir = std::fs::File::open(mp).with_context(|| format!("opening {}", mp.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("locking {}", mp.display()));
+    }
+    Ok(dir)
+}
+
+/// A mount point must not be mounted on already, must not be inside an imagefs mount (the
+/// image's own directories are no place to stack mounts), and must be empty (a mount would
+/// hide what it holds) unless `--nonempty`.
+fn check_mountpoint(mp: &Path, given: &Path, nonempty: bool) -> anyhow::Result<()> {
+    if is_mounted(mp)? {
+        bail!(
+            "{} is already a mount point: unmount it first (imagefs umount {})",
+            given.display(),
+            given.display()
+        );
+    }
+    if let Some(outer) = crate::fs::mount_containing(mp)?
+        && outer.is_imagefs()
+    {
+        bail!(
+            "{} is inside the imagefs mount {}: choose a directory outside it",
+            given.display(),
+            String::from_utf8_lossy(&outer.mountpoint)
+        );
+    }
+    let has_entries = std::fs::read_dir(mp)
+        .with_context(|| format!("reading mount point {}", given.display()))?
+        .next()
+        .is_some();
+    if has_entries && !nonempty {
+        bail!(
+            "mount point {} is not empty: mounting would hide its contents (use an empty \
+             directory, or --nonempty)",
+            given.display()
+        );
+    }
+    Ok(())
+}
+
+/// With `--allow-other`, setuid programs and device nodes of the image would be within
+/// reach of every local user: refuse unless some directory above the mount point keeps
+/// other users out (as containerd keeps its mounts under 0700 directories).
+fn check_unreachable_by_others(mp: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    for dir in mp.ancestors().skip(1) {
+        let mode = std::fs::metadata(dir)
+            .with_context(|| format!("checking {}", dir.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o011 == 0 {
+            return Ok(());
+        }
+    }
+    bail!(
+        "--allow-other with --suid, --dev or --rootfs would let every local user run the \
+         image's setuid programs and open its devices through {}: mount under a directory \
+         other users cannot enter (chmod 700 a parent), or drop --allow-other",
+        mp.display()
+    )
 }
 
 /// Re-run ourselves with `--foreground` in a new session and wait until it says `ready`.
 fn daemonise(g: &GlobalOpts, args: &MountArgs) -> anyhow::Result<ExitCode> {
     let cache = common::cache_dir(g)?;
+    // Checked (and created) before anything is written into it.
+    crate::store::Store::open(&cache)
+        .with_context(|| format!("cannot use cache directory {}", cache.display()))?;
     let logs = cache.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let abs = std::path::absolute(&args.mountpoint)?;
@@ -134,13 +228,17 @@ fn daemonise(g: &GlobalOpts, args: &MountArgs) -> anyhow::Result<ExitCode> {
         .open(&log_path)
         .with_context(|| format!("opening log {}", log_path.display()))?;
 
+    // Read here (stdin is the user's), handed to the daemon on a pipe: never in its
+    // environment, where /proc/PID/environ would show it for the mount's life.
+    let credentials = common::credentials(g)?;
     let exe = std::env::current_exe().context("locating the imagefs executable")?;
     let mut cmd = Command::new(exe);
     cmd.args(std::env::args_os().skip(1))
         .env(READY_ENV, "1")
+        .env(common::HANDED_CREDENTIALS_ENV, "1")
         // Flags from the environment that the child must see the same way.
         .env("IMAGEFS_CACHE_DIR", &cache)
-        .stdin(Stdio::inherit()) // --password-stdin is read by the daemon
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
     // SAFETY: setsid is async-signal-safe; the daemon must not die with our terminal.
@@ -151,6 +249,11 @@ fn daemonise(g: &GlobalOpts, args: &MountArgs) -> anyhow::Result<ExitCode> {
         });
     }
     let mut child = cmd.spawn().context("starting the mount daemon")?;
+    {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        // A daemon that failed before reading closed its end; its error line says why.
+        let _ = stdin.write_all(common::handed_credentials_line(credentials.as_ref()).as_bytes());
+    }
     let out = child.stdout.take().expect("piped stdout");
     let mut last = String::new();
     for line in BufReader::new(out).lines() {
@@ -174,9 +277,13 @@ fn daemonise(g: &GlobalOpts, args: &MountArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Resolve, mount, tell the parent (if any), serve until unmounted or signalled.
-fn foreground(g: &GlobalOpts, args: &MountArgs) -> anyhow::Result<ExitCode> {
+fn foreground(
+    g: &GlobalOpts,
+    args: &MountArgs,
+    lock: Option<std::fs::File>,
+) -> anyhow::Result<ExitCode> {
     let notify = std::env::var_os(READY_ENV).is_some();
-    let result = serve(g, args, notify);
+    let result = serve(g, args, notify, lock);
     if notify && let Err(e) = &result {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "error: {}", super::error_line(e));
@@ -185,7 +292,12 @@ fn foreground(g: &GlobalOpts, args: &MountArgs) -> anyhow::Result<ExitCode> {
     result
 }
 
-fn serve(g: &GlobalOpts, args: &MountArgs, notify: bool) -> anyhow::Result<ExitCode> {
+fn serve(
+    g: &GlobalOpts,
+    args: &MountArgs,
+    notify: bool,
+    lock: Option<std::fs::File>,
+) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
@@ -220,15 +332,24 @@ fn serve(g: &GlobalOpts, args: &MountArgs, notify: bool) -> anyhow::Result<ExitC
         whole: Mutex::new(std::collections::HashSet::new()),
         whole_flight: Mutex::new(()),
     });
+    // A cached image's tree needs no network: build it before mounting, so that the root's
+    // attributes are the image's from the first `stat` (otherwise a placeholder, which the
+    // kernel never caches, stands in until the first access builds the tree).
+    if backend.diff_ids.iter().all(|d| backend.store.has_layer(d))
+        && let Err(e) = backend.tree()
+    {
+        tracing::warn!("building the tree of a cached image: {e}");
+    }
     let opts = MountOptions {
         fs_name: format!("imagefs:{reference}"),
         allow_other: args.allow_other,
         threads: args.threads.max(1),
         passthrough: !args.no_passthrough,
-        nosuid: args.nosuid,
-        nodev: args.nodev,
+        nosuid: !(args.suid || args.rootfs),
+        nodev: !(args.dev || args.rootfs),
     };
     let mounted = crate::fs::mount(backend, meta, &args.mountpoint, &opts)?;
+    drop(lock);
     let unmounter = mounted.unmounter();
     rt.spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -504,6 +625,10 @@ impl Backend for ImageBackend {
         Ok(tree)
     }
 
+    fn built_tree(&self) -> Option<Arc<Tree>> {
+        self.tree.lock().expect("tree lock").clone()
+    }
+
     fn open(&self, layer: u32, data: DataRef) -> Result<std::fs::File, BackendError> {
         if let Some(l) = self.lazy_layer(layer) {
             return l
@@ -632,17 +757,49 @@ impl RangeSource for RegistryRanges {
     }
 }
 
-/// Unmount with `fusermount3 -u`; if the mount is busy or its daemon is gone, detach it
-/// lazily (`-z`). The daemon exits when its session ends.
+/// Unmount an imagefs mount, and nothing else: the target must be a `fuse.imagefs` mount in
+/// `/proc/self/mountinfo`, named by its own path (not a symlink to it). Root unmounts with
+/// `umount2(UMOUNT_NOFOLLOW)`, detaching lazily if the mount is busy or its daemon is gone;
+/// other users go through `fusermount3 -u` (then `-uz`), which checks they own the mount. The
+/// daemon exits when its session ends.
 pub fn umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
-    let mp = resolve_mountpoint(&args.mountpoint)?;
-    if !is_mounted(&mp)? {
+    let given = &args.mountpoint;
+    if std::fs::symlink_metadata(given).is_ok_and(|m| m.file_type().is_symlink()) {
+        bail!(
+            "{} is a symbolic link: give the mount point itself",
+            given.display()
+        );
+    }
+    let mp = resolve_mountpoint(given)?;
+    let Some(entry) = crate::fs::mount_at(&mp)? else {
         bail!("{} is not mounted", mp.display());
+    };
+    if !entry.is_imagefs() {
+        bail!(
+            "{} is not an imagefs mount (it is a {} mount of {}): refusing to unmount it",
+            mp.display(),
+            entry.fstype,
+            entry.source
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        return unmount_as_root(&mp);
+    }
+    if let Some(owner) = entry.fuse_owner()
+        && owner != euid
+    {
+        bail!(
+            "{} was mounted by uid {owner}: only that user or root can unmount it",
+            mp.display()
+        );
     }
     let plain = Command::new("fusermount3").arg("-u").arg(&mp).output();
-    match plain {
-        Ok(o) if o.status.success() => return Ok(ExitCode::SUCCESS),
-        Ok(_) | Err(_) => {}
+    if let Ok(o) = &plain
+        && o.status.success()
+    {
+        return Ok(ExitCode::SUCCESS);
     }
     let lazy = Command::new("fusermount3")
         .arg("-uz")
@@ -652,17 +809,28 @@ pub fn umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
     if lazy.status.success() || !is_mounted(&mp)? {
         return Ok(ExitCode::SUCCESS);
     }
-    // Last resort for root: the umount(2) syscall with MNT_DETACH.
-    let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes())?;
-    // SAFETY: c is a valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-        return Ok(ExitCode::SUCCESS);
-    }
     bail!(
         "cannot unmount {}: {}",
         mp.display(),
         String::from_utf8_lossy(&lazy.stderr).trim()
     )
+}
+
+/// `umount2` without following a symlink at the last component (the path was checked to be
+/// an imagefs mount; a symlink swapped in since must not redirect the unmount); lazily
+/// (`MNT_DETACH`) when busy or when its daemon is gone.
+fn unmount_as_root(mp: &Path) -> anyhow::Result<ExitCode> {
+    let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes())?;
+    for flags in [
+        libc::UMOUNT_NOFOLLOW,
+        libc::UMOUNT_NOFOLLOW | libc::MNT_DETACH,
+    ] {
+        // SAFETY: c is a valid NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    Err(std::io::Error::last_os_error()).with_context(|| format!("cannot unmount {}", mp.display()))
 }
 
 /// The path mountinfo shows for `p`: symlinks and `..` resolved. A mount whose daemon died

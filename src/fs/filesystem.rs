@@ -163,9 +163,15 @@ impl ImageFs {
             return Ok((self.meta.attr(i), TTL));
         }
         // `stat` of the mountpoint must not start fetching every layer: until something else
-        // needed the tree, the root is a plain 0755 directory, not cached.
+        // needed the tree (or the backend had it without fetching), the root is a plain 0755
+        // directory, not cached.
         if ino == INodeNo::ROOT && self.tree.get().is_none() {
-            return Ok((placeholder_root_attr(), PLACEHOLDER_TTL));
+            match self.backend.built_tree() {
+                Some(tree) => {
+                    self.tree.get_or_init(|| tree);
+                }
+                None => return Ok((placeholder_root_attr(), PLACEHOLDER_TTL)),
+            }
         }
         let (_, id, inode) = self.inode(ino)?;
         Ok((inode_attr(id, inode), TTL))
