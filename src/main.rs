@@ -3,11 +3,15 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = imagefs::cli::Cli::parse();
+    // First, while this is the only thread: a secret must not stay in /proc/PID/environ.
+    imagefs::cli::take_secrets_from_env();
+    let cli = match imagefs::cli::parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let default = match cli.global.verbose {
         // fuser warns about a failed second unmount after an external `fusermount3 -u`
         // (its mounted-check is inverted in 0.18): harmless, so only its errors are shown.

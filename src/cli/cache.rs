@@ -40,8 +40,8 @@ pub struct PruneArgs {
     #[arg(long, value_parser = parse_age, conflicts_with = "max_size")]
     pub older_than: Option<Duration>,
     /// Until the images' data fits this size (e.g. 20G)
-    #[arg(long)]
-    pub max_size: Option<String>,
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_size)]
+    pub max_size: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -128,7 +128,6 @@ pub fn run(ctx: &Context, args: CacheArgs) -> anyhow::Result<ExitCode> {
             } else if let Some(age) = p.older_than {
                 store.prune_older_than(age)?
             } else if let Some(max) = p.max_size {
-                let max = parse_size(&max).map_err(|e| anyhow::anyhow!("--max-size: {e}"))?;
                 store.prune_to(max, &[])?
             } else {
                 bail!("say what to prune: --all, --older-than DURATION or --max-size SIZE");

@@ -25,6 +25,8 @@ pub struct Context {
     pub store: Store,
     pub client: Client,
     pub platform: Platform,
+    /// `--platform` was given: a requirement, checked against single-platform images too.
+    pub platform_explicit: bool,
     pub offline: bool,
     pub quiet: bool,
     pub tty: bool,
@@ -60,6 +62,7 @@ impl Context {
             store,
             client,
             platform,
+            platform_explicit: g.platform.is_some(),
             offline: g.offline,
             quiet: g.quiet,
             tty: std::io::stderr().is_terminal(),
@@ -72,10 +75,8 @@ impl Context {
 /// The cache bound: `--cache-max-size`, else `cache_max_size = "20G"` in
 /// `<cache>/config.toml`, else none.
 fn cache_max_size(g: &GlobalOpts, cache: &std::path::Path) -> anyhow::Result<Option<u64>> {
-    if let Some(s) = &g.cache_max_size {
-        return Ok(Some(
-            crate::store::parse_size(s).map_err(|e| anyhow::anyhow!("--cache-max-size: {e}"))?,
-        ));
+    if let Some(max) = g.cache_max_size {
+        return Ok(Some(max));
     }
     let path = cache.join("config.toml");
     let text = match std::fs::read_to_string(&path) {
@@ -99,14 +100,10 @@ fn cache_max_size(g: &GlobalOpts, cache: &std::path::Path) -> anyhow::Result<Opt
 /// Decompression-bomb bounds from `--max-layer-size` and `--max-expansion`.
 fn limits(g: &GlobalOpts) -> anyhow::Result<crate::layer::decompress::Limits> {
     let mut l = crate::layer::decompress::Limits::default();
-    if let Some(s) = &g.max_layer_size {
-        l.max_size =
-            crate::store::parse_size(s).map_err(|e| anyhow::anyhow!("--max-layer-size: {e}"))?;
+    if let Some(max) = g.max_layer_size {
+        l.max_size = max;
     }
     if let Some(r) = g.max_expansion {
-        if r == 0 {
-            bail!("--max-expansion must be at least 1");
-        }
         l.max_ratio = r;
     }
     Ok(l)
@@ -232,9 +229,70 @@ pub fn cache_dir(g: &GlobalOpts) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// The environment variable that may hold the registry password.
+const PASSWORD_VAR: &str = "IMAGEFS_PASSWORD";
+
+/// Set by `mount` in its daemon's environment: the credentials come as one JSON line on
+/// the daemon's stdin (never in its environment or argv).
+pub const HANDED_CREDENTIALS_ENV: &str = "IMAGEFS_MOUNT_CREDENTIALS";
+
+/// `IMAGEFS_PASSWORD` as it was at start-up (see [`take_secrets_from_env`]).
+static PASSWORD_ENV: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Take `IMAGEFS_PASSWORD` out of the environment, and blank its value in the memory that
+/// `/proc/PID/environ` shows, so that a long-running mount daemon does not expose it to
+/// whoever may read that file. Call first thing in `main`, while the process has one thread.
+pub fn take_secrets_from_env() {
+    let value = std::env::var(PASSWORD_VAR).ok();
+    if std::env::var_os(PASSWORD_VAR).is_some() {
+        blank_initial_environ(PASSWORD_VAR);
+        // SAFETY: main calls this before any other thread exists.
+        unsafe { std::env::remove_var(PASSWORD_VAR) };
+    }
+    let _ = PASSWORD_ENV.set(value);
+}
+
+fn password_env() -> Option<String> {
+    match PASSWORD_ENV.get() {
+        Some(v) => v.clone(),
+        None => std::env::var(PASSWORD_VAR).ok(),
+    }
+}
+
+/// Zero the value of `NAME=value` in the process's environment block. `remove_var` only
+/// unlinks the entry from `environ`; `/proc/PID/environ` reads the block the kernel set up at
+/// exec, which the entries point into, so the bytes themselves must go.
+fn blank_initial_environ(name: &str) {
+    unsafe extern "C" {
+        static environ: *const *mut libc::c_char;
+    }
+    let prefix = format!("{name}=");
+    // SAFETY: single-threaded (see the caller); `environ` is a NULL-terminated array of
+    // NUL-terminated strings, writable (the exec-time block, or libc's own copies), and we
+    // write only within each string's length.
+    unsafe {
+        let mut p = environ;
+        while !p.is_null() && !(*p).is_null() {
+            let entry = *p;
+            let len = std::ffi::CStr::from_ptr(entry).to_bytes().len();
+            let bytes = std::slice::from_raw_parts(entry as *const u8, len);
+            if bytes.starts_with(prefix.as_bytes()) {
+                for i in prefix.len()..len {
+                    std::ptr::write_volatile(entry.add(i), 0);
+                }
+            }
+            p = p.add(1);
+        }
+    }
+}
+
 /// Flags first (`--username` + `--password-stdin`), then `IMAGEFS_USERNAME` /
-/// `IMAGEFS_PASSWORD`; `None` lets the client look in the docker config.
-fn credentials(g: &GlobalOpts) -> anyhow::Result<Option<Credentials>> {
+/// `IMAGEFS_PASSWORD`; `None` lets the client look in the docker config. A mount daemon
+/// reads what its parent found, from stdin.
+pub fn credentials(g: &GlobalOpts) -> anyhow::Result<Option<Credentials>> {
+    if std::env::var_os(HANDED_CREDENTIALS_ENV).is_some() {
+        return read_handed_credentials();
+    }
     if g.password_stdin {
         let Some(username) = g.username.clone() else {
             bail!("--password-stdin needs --username");
@@ -254,7 +312,7 @@ fn credentials(g: &GlobalOpts) -> anyhow::Result<Option<Credentials>> {
         }));
     }
     if let Some(username) = &g.username {
-        let Ok(password) = std::env::var("IMAGEFS_PASSWORD") else {
+        let Some(password) = password_env() else {
             bail!("--username needs a password: pass --password-stdin or set IMAGEFS_PASSWORD");
         };
         return Ok(Some(Credentials {
@@ -262,16 +320,41 @@ fn credentials(g: &GlobalOpts) -> anyhow::Result<Option<Credentials>> {
             password: Secret::new(password),
         }));
     }
-    match (
-        std::env::var("IMAGEFS_USERNAME"),
-        std::env::var("IMAGEFS_PASSWORD"),
-    ) {
-        (Ok(username), Ok(password)) if !username.is_empty() => Ok(Some(Credentials {
+    match (std::env::var("IMAGEFS_USERNAME"), password_env()) {
+        (Ok(username), Some(password)) if !username.is_empty() => Ok(Some(Credentials {
             username,
             password: Secret::new(password),
         })),
         _ => Ok(None),
     }
+}
+
+/// The line [`read_handed_credentials`] reads: `null` or `{"username":…,"password":…}`.
+pub fn handed_credentials_line(c: Option<&Credentials>) -> String {
+    let value =
+        c.map(|c| serde_json::json!({ "username": c.username, "password": c.password.expose() }));
+    let mut line = serde_json::Value::from(value).to_string();
+    line.push('\n');
+    line
+}
+
+fn read_handed_credentials() -> anyhow::Result<Option<Credentials>> {
+    #[derive(serde::Deserialize)]
+    struct Handed {
+        username: String,
+        password: String,
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the credentials from the parent process")?;
+    let handed: Option<Handed> =
+        serde_json::from_str(&line).context("credentials from the parent process")?;
+    Ok(handed.map(|h| Credentials {
+        username: h.username,
+        password: Secret::new(h.password),
+    }))
 }
 
 /// A reference resolved to one image: verified manifest and config bytes, all stored.
@@ -335,6 +418,7 @@ pub async fn resolve(ctx: &Context, reference: &Reference) -> anyhow::Result<Res
 
     let parsed = crate::oci::manifest::parse_manifest(&top_bytes, top_type.as_deref())
         .with_context(|| format!("manifest {top_digest} of {reference}"))?;
+    let from_index = matches!(parsed, Manifest::Index(_));
     let (manifest_digest, manifest_bytes, content_type, manifest) = match parsed {
         Manifest::Image(m) => (top_digest, top_bytes, top_type, m),
         Manifest::Index(index) => {
@@ -368,6 +452,20 @@ pub async fn resolve(ctx: &Context, reference: &Reference) -> anyhow::Result<Res
         .with_context(|| format!("config {} of {reference}", manifest.config.digest))?;
     crate::oci::manifest::check_layers(&manifest, &config)
         .with_context(|| format!("image {manifest_digest} of {reference}"))?;
+    // An index entry was chosen for the platform already; a single-platform image must be
+    // for the platform asked for.
+    let image_platform = config.platform();
+    if ctx.platform_explicit
+        && !from_index
+        && !image_platform.architecture.is_empty()
+        && !ctx.platform.matches(&image_platform)
+    {
+        bail!(
+            "{reference} is a single-platform image for {image_platform}, not {}: \
+             drop --platform or pick an image built for it",
+            ctx.platform
+        );
+    }
 
     let layers = manifest
         .layers

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-pub use common::Context;
+pub use common::{Context, take_secrets_from_env};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,7 +60,7 @@ pub struct GlobalOpts {
     /// Failed connections are retried (up to 4 times, with backoff) only within this time, so
     /// a read of remote data through a mount fails within about twice this when the registry
     /// is unreachable
-    #[arg(long, global = true, default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, global = true, default_value = "15s", value_parser = parse_timeout)]
     pub timeout: Duration,
     /// Pull mirror for a registry, tried before it: REGISTRY=URL, e.g.
     /// docker.io=http://127.0.0.1:5000 (repeatable; tried in order, then hosts.toml mirrors,
@@ -78,20 +78,29 @@ pub struct GlobalOpts {
         long,
         global = true,
         env = "IMAGEFS_CACHE_MAX_SIZE",
-        value_name = "SIZE"
+        value_name = "SIZE",
+        allow_negative_numbers = true,
+        value_parser = crate::store::parse_size
     )]
-    pub cache_max_size: Option<String>,
+    pub cache_max_size: Option<u64>,
     /// Largest uncompressed size of one layer (e.g. 64G); larger layers are refused as
     /// decompression bombs [default: 256G]
-    #[arg(long, global = true, value_name = "SIZE")]
-    pub max_layer_size: Option<String>,
+    #[arg(
+        long,
+        global = true,
+        value_name = "SIZE",
+        allow_negative_numbers = true,
+        value_parser = crate::store::parse_size
+    )]
+    pub max_layer_size: Option<u64>,
     /// Largest ratio uncompressed / compressed of a layer past its first 64 MiB [default: 1024]
-    #[arg(long, global = true, value_name = "RATIO")]
+    #[arg(long, global = true, value_name = "RATIO", allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub max_expansion: Option<u64>,
     /// Use only the cache; never contact a registry
     #[arg(long, global = true)]
     pub offline: bool,
-    /// No progress output
+    /// No progress output (results such as `Digest:` lines are still printed)
     #[arg(long, short = 'q', global = true)]
     pub quiet: bool,
     /// More logging (-v info, -vv debug, -vvv trace); IMAGEFS_LOG sets a tracing filter
@@ -141,20 +150,77 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// The error and its causes on one line ("layer sha256:…: fetching …: connection refused"),
 /// skipping a cause whose text the line already contains (library errors often include
-/// their source in their own message).
+/// their source in their own message), and the part of a cause that repeats the context
+/// above it ("layer X" over "layer X: writing …" gives "layer X: writing …").
 pub fn error_line(err: &anyhow::Error) -> String {
     let mut line = String::new();
+    let mut previous = String::new();
     for cause in err.chain() {
         let text = cause.to_string();
         if line.contains(&text) {
             continue;
         }
-        if !line.is_empty() {
-            line.push_str(": ");
+        let new = match text.strip_prefix(previous.as_str()) {
+            Some(rest) if !previous.is_empty() => rest.trim_start_matches(": "),
+            _ => text.as_str(),
+        };
+        if !new.is_empty() {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(new);
         }
-        line.push_str(&text);
+        previous = text;
     }
     line
+}
+
+/// Parse the command line; a usage error becomes one `imagefs: …` line on stderr and exit
+/// code 2 (clap's), help and version are printed as clap prints them.
+pub fn parse_args() -> Result<Cli, ExitCode> {
+    use clap::Parser as _;
+    Cli::try_parse().map_err(|e| {
+        use clap::error::ErrorKind;
+        match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                let _ = e.print();
+                ExitCode::from(if e.use_stderr() { 2 } else { 0 })
+            }
+            _ => {
+                eprintln!("imagefs: {}", usage_error_line(&e.render().to_string()));
+                ExitCode::from(2)
+            }
+        }
+    })
+}
+
+/// clap's multi-line usage error as one line: its first paragraph, lines joined.
+fn usage_error_line(rendered: &str) -> String {
+    let first = rendered
+        .trim_start()
+        .strip_prefix("error: ")
+        .unwrap_or(rendered)
+        .split("\n\n")
+        .next()
+        .unwrap_or_default();
+    let mut line = first
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    line.push_str(" (see --help)");
+    line
+}
+
+/// `--timeout`: a duration above zero (a zero timeout would fail every request).
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?} is zero: give a positive duration, e.g. 15s")),
+        d => Ok(d),
+    }
 }
 
 /// `30s`, `2m`, `500ms`, `1h`, or a bare number of seconds.
@@ -184,31 +250,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// `20G`, `512M`, `1024` (bytes), `1.5T`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, ""),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: use e.g. 20G, 512M"))?;
-    let mult: f64 = match unit
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" => 1.0,
-        "K" => 1024.0,
-        "M" => 1024.0 * 1024.0,
-        "G" => 1024.0 * 1024.0 * 1024.0,
-        "T" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        _ => return Err(format!("invalid size {s:?}: unit must be K, M, G or T")),
-    };
-    Ok((n * mult) as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,9 +262,47 @@ mod tests {
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("x").is_err());
         assert!(parse_duration("5d").is_err());
-        assert_eq!(parse_size("20G").unwrap(), 20 << 30);
-        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_size("1024").unwrap(), 1024);
-        assert!(parse_size("3Q").is_err());
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("0s").is_err());
+        assert_eq!(parse_timeout("1ms").unwrap(), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn usage_errors_are_one_line() {
+        for args in [
+            &["imagefs", "--timeout", "abc", "layers", "x"][..],
+            &["imagefs", "--timeout", "0", "layers", "x"],
+            &["imagefs", "--cache-max-size", "-1", "layers", "x"],
+            &["imagefs", "--cache-max-size=-1", "layers", "x"],
+            &["imagefs", "inspect", "--format", "yaml", "x"],
+            &["imagefs", "mount", "x"],
+            &["imagefs", "--max-expansion", "0", "layers", "x"],
+        ] {
+            let e = Cli::try_parse_from(args).unwrap_err();
+            let line = usage_error_line(&e.render().to_string());
+            assert!(!line.contains('\n'), "{args:?}: {line}");
+            assert!(!line.starts_with("error"), "{args:?}: {line}");
+            assert!(line.len() > 20, "{args:?}: {line}");
+        }
+        let e =
+            Cli::try_parse_from(["imagefs", "--cache-max-size", "-1", "layers", "x"]).unwrap_err();
+        let dash = usage_error_line(&e.render().to_string());
+        let e = Cli::try_parse_from(["imagefs", "--cache-max-size=-1", "layers", "x"]).unwrap_err();
+        assert_eq!(dash, usage_error_line(&e.render().to_string()));
+        assert!(dash.contains("not a size"), "{dash}");
+    }
+
+    #[test]
+    fn repeated_context_is_said_once() {
+        let inner = anyhow::anyhow!("layer sha256:ab: writing x: No space left on device");
+        let err = inner.context("layer sha256:ab");
+        assert_eq!(
+            error_line(&err),
+            "layer sha256:ab: writing x: No space left on device"
+        );
+        let err = anyhow::anyhow!("connection refused")
+            .context("fetching y")
+            .context("layer z");
+        assert_eq!(error_line(&err), "layer z: fetching y: connection refused");
     }
 }

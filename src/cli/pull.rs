@@ -28,10 +28,9 @@ pub async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<ExitCode> {
     let source = RegistrySource::new(ctx, &reference);
     fetch_layers(&ctx.store, source, &resolved, &reporter).await?;
     common::enforce_cache_bound(&ctx.store, ctx.cache_max, &resolved.manifest_digest);
-    if !ctx.quiet {
-        println!("Digest: {}", resolved.manifest_digest);
-        println!("Image ID: {}", resolved.image_id());
-    }
+    // Results, not progress: printed with -q too (scripts read them).
+    println!("Digest: {}", resolved.manifest_digest);
+    println!("Image ID: {}", resolved.image_id());
     Ok(ExitCode::SUCCESS)
 }
 
