@@ -665,10 +665,13 @@ fn pull_fills_the_cache_and_a_second_pull_fetches_no_blob() {
         out.report()
     );
 
-    // -q: nothing at all on either stream.
+    // -q: no progress; the results (digest, image ID) only.
     let out = imagefs.cmd(["-q", "pull", &reference]).run();
     assert_quiet_success(&out);
-    assert!(out.stdout.is_empty(), "{}", out.report());
+    let lines: Vec<String> = out.stdout_str().lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 2, "{}", out.report());
+    assert!(lines[0].starts_with("Digest: sha256:"), "{}", out.report());
+    assert!(lines[1].starts_with("Image ID: sha256:"), "{}", out.report());
     assert_eq!(blob_gets(&registry), gets);
 }
 

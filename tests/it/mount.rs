@@ -1155,7 +1155,12 @@ fn mount_points_given_through_symlinks_and_dot_dot_are_the_same_mount() {
     mount_cmd(&imagefs, &[], &reference, &dotted)
         .run()
         .assert_success();
-    umount_cmd(&link).run().assert_success();
+    // `umount` does not follow a symlink out of the path it is given: name the mount itself.
+    umount_cmd(&link)
+        .run()
+        .assert_failure_contains("is a symbolic link");
+    assert!(is_mounted(&mp));
+    umount_cmd(&mp).run().assert_success();
     assert!(wait_until(TIMEOUT, || !is_mounted(&mp)));
     assert!(wait_until(TIMEOUT, || daemon_pids(&dotted).is_empty()));
     crate::support::mounts::cleanup(&mp);
@@ -1302,23 +1307,31 @@ fn mount_flags(path: &Path) -> Vec<String> {
 }
 
 #[test]
-fn setuid_and_devices_are_honoured_unless_nosuid_or_nodev() {
+fn setuid_and_devices_are_ignored_unless_asked_for() {
     let registry = Registry::start(Auth::Anonymous);
     registry.push_image("flags", "v1", &two_layer_image());
     let imagefs = Imagefs::new();
     let reference = registry.reference("flags:v1");
 
-    // A rootfs needs its setuid binaries (su, passwd) and /dev nodes to work.
+    // An untrusted image's setuid programs and device nodes do nothing by default.
     let m = Mount::new(&imagefs, &[], &reference);
     let flags = mount_flags(m.path());
-    assert!(flags.contains(&"ro".to_owned()), "{flags:?}");
-    assert!(!flags.contains(&"nosuid".to_owned()), "{flags:?}");
-    assert!(!flags.contains(&"nodev".to_owned()), "{flags:?}");
+    for want in ["ro", "nosuid", "nodev"] {
+        assert!(flags.contains(&want.to_owned()), "{want}: {flags:?}");
+    }
     m.unmount();
 
-    let m = Mount::new_with(&imagefs, &[], &["--nosuid", "--nodev"], &reference);
+    // A rootfs needs its setuid binaries (su, passwd) and /dev nodes to work: opt in.
+    for args in [&["--suid", "--dev"][..], &["--rootfs"]] {
+        let m = Mount::new_with(&imagefs, &[], args, &reference);
+        let flags = mount_flags(m.path());
+        assert!(!flags.contains(&"nosuid".to_owned()), "{args:?}: {flags:?}");
+        assert!(!flags.contains(&"nodev".to_owned()), "{args:?}: {flags:?}");
+        m.unmount();
+    }
+    let m = Mount::new_with(&imagefs, &[], &["--suid"], &reference);
     let flags = mount_flags(m.path());
-    assert!(flags.contains(&"nosuid".to_owned()), "{flags:?}");
+    assert!(!flags.contains(&"nosuid".to_owned()), "{flags:?}");
     assert!(flags.contains(&"nodev".to_owned()), "{flags:?}");
     m.unmount();
 }
