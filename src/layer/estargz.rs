@@ -1582,10 +1582,11 @@ mod tests {
         crate::layer::tar::index_layer(&gunzip_all(blob)[..], None).unwrap()
     }
 
+    /// `tests/fixtures` (see its README.md), or `IMAGEFS_FIXTURES` if set.
     fn fixtures_dir() -> PathBuf {
         match std::env::var_os("IMAGEFS_FIXTURES") {
             Some(dir) => PathBuf::from(dir),
-            None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+            None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
         }
     }
 

@@ -457,7 +457,7 @@ fn inspect_reports_the_published_digests_of_the_busybox_fixture() {
     let imagefs = Imagefs::new();
     let j = inspect_json(&imagefs, &reference, &[]);
 
-    // The digests fixtures/README.md publishes.
+    // The digests tests/fixtures/README.md publishes.
     let manifest = "sha256:58c10d4df457869bd067f4225c4c4adbb117e4ca55c397a842adc39c3824a9bd";
     let config = "sha256:ea1e34ae6a075f7873877277dccbd47836d068385194f7bc0dd3ef58d06f0dd4";
     let gzip = "application/vnd.oci.image.layer.v1.tar+gzip";

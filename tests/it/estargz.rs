@@ -422,7 +422,7 @@ fn layer_states(imagefs: &Imagefs, reference: &str, global: &[&str]) -> Vec<(Str
         .collect()
 }
 
-/// Offset of `.prefetch.landmark` in layer 1 of the optimised fixture (fixtures README).
+/// Offset of `.prefetch.landmark` in layer 1 of the optimised fixture (tests/fixtures/README.md).
 const OPT_LANDMARK: u64 = 1_063_890;
 
 #[test]

@@ -223,12 +223,11 @@ async fn expect_status(resp: reqwest::Response, want: StatusCode, what: &str) ->
 // ---------------------------------------------------------------------------------------------
 // skopeo and fixtures
 
-/// The shared interop fixtures (`IMAGEFS_FIXTURES`, else `../shared/fixtures` beside the
-/// repository, where CI puts `shared/`).
+/// The interop fixtures: `tests/fixtures` (see its README.md), or `IMAGEFS_FIXTURES` if set.
 pub fn fixtures_dir() -> PathBuf {
     let dir = match std::env::var_os("IMAGEFS_FIXTURES") {
         Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
     };
     assert!(
         dir.is_dir(),
