@@ -26,12 +26,13 @@ fn image() -> Image {
     ImageBuilder::new(Format::Oci)
         .layer(Layer::new(
             &[
-                Entry::dir("").mode(0o750).mtime(ROOT_MTIME, 0),
+                Entry::dir("").mode(0o751).mtime(ROOT_MTIME, 0),
                 Entry::dir("etc"),
                 Entry::file("etc/os-release", "ID=safety\n"),
                 Entry::dir("tmp").mode(0o1777),
                 Entry::file("bin/su", "#!/bin/sh\n").mode(0o4755),
-                Entry::char_device("dev/console", 5, 1),
+                // Open to all in the image: only the mount's nodev keeps users from it.
+                Entry::char_device("dev/null", 1, 3).mode(0o666),
             ],
             Compression::Gzip,
         ))
@@ -78,6 +79,26 @@ impl Drop for SysMount {
         if is_mounted(&self.0) {
             let _ = Command::new("umount").arg("-l").arg(&self.0).status();
         }
+    }
+}
+
+/// Unmounts whatever is stacked at a mount point when a test ends, passed or failed.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        while is_mounted(&self.0) {
+            if Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status()
+                .map(|s| !s.success())
+                .unwrap_or(true)
+            {
+                break;
+            }
+        }
+        cleanup(&self.0);
     }
 }
 
@@ -195,6 +216,7 @@ fn suid_or_dev_with_allow_other_needs_a_mount_point_others_cannot_reach() {
     let (_registry, reference) = registry_with_image("reach");
     let imagefs = Imagefs::new();
     let (dir, mp) = mountpoint_dir();
+    let _cleanup = Cleanup(mp.clone());
     // Every directory above the mount point lets others through.
     chmod(dir.path(), 0o755);
     for args in [&["--rootfs"][..], &["--suid"], &["--dev"]] {
@@ -229,6 +251,7 @@ fn an_unprivileged_user_cannot_use_the_images_setuid_programs_or_devices() {
     let (_registry, reference) = registry_with_image("nosuid");
     let imagefs = Imagefs::new();
     let (dir, mp) = mountpoint_dir();
+    let _cleanup = Cleanup(mp.clone());
     chmod(dir.path(), 0o755);
     mount_cmd(&imagefs, &[], &reference, &mp)
         .arg("--allow-other")
@@ -250,7 +273,7 @@ fn an_unprivileged_user_cannot_use_the_images_setuid_programs_or_devices() {
             "sh",
             "-c",
             "exec 3<>\"$0\"",
-            mp.join("dev/console").to_str().unwrap(),
+            mp.join("dev/null").to_str().unwrap(),
         ])
         .run();
     assert!(!open.status.success(), "{}", open.report());
@@ -295,6 +318,7 @@ fn a_cache_directory_another_user_controls_is_refused() {
             .run()
             .assert_failure_contains(why);
         let (_d, mp) = mountpoint_dir();
+        let _cleanup = Cleanup(mp.clone());
         with_cache(cache, &["mount", &reference, mp.to_str().unwrap()])
             .run()
             .assert_failure_contains(why);
@@ -325,6 +349,7 @@ fn the_registry_password_is_not_in_the_daemons_environment() {
 
     // The daemon of a background mount.
     let (_d, mp) = mountpoint_dir();
+    let _cleanup = Cleanup(mp.clone());
     mount_cmd(&imagefs, &[], &reference, &mp)
         .env("IMAGEFS_USERNAME", "alice")
         .env("IMAGEFS_PASSWORD", PASS)
@@ -341,6 +366,7 @@ fn the_registry_password_is_not_in_the_daemons_environment() {
 
     // A foreground mount (the process that read the variable itself).
     let (_d, mp) = mountpoint_dir();
+    let _cleanup = Cleanup(mp.clone());
     let mut child = Command::new(crate::support::cmd::imagefs_bin())
         .args(["--cache-dir", imagefs.cache_dir().to_str().unwrap()])
         .args(["mount", "-f", &reference, mp.to_str().unwrap()])
@@ -371,6 +397,7 @@ fn a_mount_point_must_be_empty_and_outside_imagefs_mounts() {
     let (_registry, reference) = registry_with_image("empty");
     let imagefs = Imagefs::new();
     let (_d, mp) = mountpoint_dir();
+    let _cleanup = Cleanup(mp.clone());
     fs::write(mp.join("precious"), "keep me").unwrap();
     mount_cmd(&imagefs, &[], &reference, &mp)
         .run()
@@ -402,6 +429,7 @@ fn concurrent_mounts_of_one_directory_leave_one_mount() {
     let (_registry, reference) = registry_with_image("race");
     let imagefs = Imagefs::new();
     let (_d, mp) = mountpoint_dir();
+    let _cleanup = Cleanup(mp.clone());
     let runs: Vec<_> = (0..3)
         .map(|_| {
             let cmd = mount_cmd(&imagefs, &[], &reference, &mp);
@@ -489,6 +517,7 @@ fn an_explicit_platform_must_match_a_single_platform_image() {
         .run()
         .assert_failure_contains("is a single-platform image for linux/amd64, not linux/arm64");
     let (_d, mp) = mountpoint_dir();
+    let _cleanup = Cleanup(mp.clone());
     mount_cmd(&imagefs, &["--platform", "linux/arm64"], &reference, &mp)
         .run()
         .assert_failure_contains("linux/amd64");
@@ -509,7 +538,7 @@ fn a_cached_images_root_shows_its_real_attributes_at_once() {
     let m = Mount::new(&imagefs, &[], &reference);
     let root = fs::metadata(m.path()).unwrap();
     assert_eq!(root.mtime(), ROOT_MTIME);
-    assert_eq!(root.mode() & 0o7777, 0o750);
+    assert_eq!(root.mode() & 0o7777, 0o751);
     assert!(root.nlink() > 2, "nlink {}", root.nlink());
     m.unmount();
 }
