@@ -671,7 +671,11 @@ fn pull_fills_the_cache_and_a_second_pull_fetches_no_blob() {
     let lines: Vec<String> = out.stdout_str().lines().map(str::to_owned).collect();
     assert_eq!(lines.len(), 2, "{}", out.report());
     assert!(lines[0].starts_with("Digest: sha256:"), "{}", out.report());
-    assert!(lines[1].starts_with("Image ID: sha256:"), "{}", out.report());
+    assert!(
+        lines[1].starts_with("Image ID: sha256:"),
+        "{}",
+        out.report()
+    );
     assert_eq!(blob_gets(&registry), gets);
 }
 

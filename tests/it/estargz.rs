@@ -16,7 +16,7 @@ use imagefs::layer::estargz::{
 };
 use imagefs::layer::index::{Entry as IndexEntry, EntryKind};
 
-use crate::mount::{rootfs_lines, walk_mount};
+use crate::cli_mount::{rootfs_lines, walk_mount};
 use crate::support::adversary::{Adversary, Recorded, Reply};
 use crate::support::mounts::{Mount, TIMEOUT, wait_until};
 use crate::support::{

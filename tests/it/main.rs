@@ -1,14 +1,30 @@
 //! The one integration-test binary: drives the real `imagefs` executable against real
-//! registries (Debian's `docker-registry`) and real FUSE mounts.
+//! registries (Debian's `docker-registry`, started on 127.0.0.1 by `support::registry`) and
+//! real FUSE mounts. What each module holds:
+//!
+//! | module | what it proves |
+//! |---|---|
+//! | `cli_pull` | `pull`, `inspect`, `layers` end to end: auth modes, digests against skopeo, platforms, the cache layout, messages |
+//! | `cli_mount` | `mount` end to end: trees against umoci's unpack and the interop fixtures, chroot and runc on the mount, life cycle, offline remounts, EROFS |
+//! | `cli_faults` | faults with real parts: a registry killed mid-pull, the network gone after a mount, a daemon SIGKILLed |
+//! | `estargz` | file-granular laziness: footer + TOC at mount, verified chunks, prefetch, the reference tool's images |
+//! | `cache` | `cache ls/du/prune/verify/gc` and `--cache-max-size` on a shared store |
+//! | `mirrors` | pull mirrors and `hosts.toml` against distribution in proxy mode |
+//! | `safety` | hostile or careless use: umount targets, nosuid/nodev, cache ownership, secrets, mount points, one-line errors |
+//! | `fs_backend` | `imagefs::fs` alone: real FUSE mounts of hand-made trees through a test backend (no registry) |
+//! | `client_adversary` | `imagefs::registry::Client` against an in-process adversarial server (what a real registry never does) |
+//! | `harness` | self-tests of the harness: builder, registry auth modes, fixtures |
+//!
+//! `support/` holds the harness (registry, token issuer, image builder, mounts, oracles).
 
 mod cache;
+mod cli_faults;
+mod cli_mount;
 mod cli_pull;
+mod client_adversary;
 mod estargz;
-mod faults;
-mod fs_mount;
+mod fs_backend;
 mod harness;
 mod mirrors;
-mod mount;
-mod registry_faults;
 mod safety;
 mod support;
