@@ -4,7 +4,7 @@
 
 use fuser::{Errno, INodeNo};
 
-use super::BackendError;
+use super::backend::BackendError;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum OpError {

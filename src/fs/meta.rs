@@ -3,9 +3,21 @@
 
 use fuser::{FileAttr, INodeNo};
 
-use super::MetaFiles;
 use super::attr::readonly_file_attr;
 use crate::layer::index::Xattr;
+
+/// Image metadata served at the root without touching any layer.
+#[derive(Clone, Debug)]
+pub struct MetaFiles {
+    /// `.config.json`, verbatim.
+    pub config: Vec<u8>,
+    /// `.manifest.json`, verbatim.
+    pub manifest: Vec<u8>,
+    /// The manifest digest, `sha256:…`; `.digest` is this plus a newline.
+    pub digest: String,
+    /// The image id (config digest), `sha256:…`; `.id` is this plus a newline.
+    pub id: String,
+}
 
 /// Names of the meta files, in listing order. If the image has an entry with one of these names
 /// at its root, the meta file shadows it: lookups and listings of the root only ever show the

@@ -20,10 +20,14 @@
 //!   passthrough reads when asked for and available (else `pread`).
 
 mod attr;
+mod backend;
 mod errno;
 mod filesystem;
 mod meta;
 mod mountinfo;
+
+pub use backend::{Backend, BackendError};
+pub use meta::MetaFiles;
 
 pub use mountinfo::{IMAGEFS_FSTYPE, MountEntry, mount_at, mount_containing, mount_device};
 
@@ -33,77 +37,8 @@ use std::sync::{Arc, Mutex};
 
 use fuser::{Config, MountOption, SessionACL};
 
-use crate::layer::index::DataRef;
-use crate::overlay::Tree;
 use filesystem::ImageFs;
 use meta::MetaTable;
-
-/// Image metadata served at the root without touching any layer.
-#[derive(Clone, Debug)]
-pub struct MetaFiles {
-    /// `.config.json`, verbatim.
-    pub config: Vec<u8>,
-    /// `.manifest.json`, verbatim.
-    pub manifest: Vec<u8>,
-    /// The manifest digest, `sha256:…`; `.digest` is this plus a newline.
-    pub digest: String,
-    /// The image id (config digest), `sha256:…`; `.id` is this plus a newline.
-    pub id: String,
-}
-
-/// Where the tree and file data come from. Called from FUSE worker threads; may block.
-pub trait Backend: Send + Sync + 'static {
-    /// The merged tree. The first call triggers fetching all layers; blocks until ready. A
-    /// failure is logged and becomes EIO for the request that asked; the next request asks
-    /// again (the backend decides whether to retry or repeat the error).
-    fn tree(&self) -> Result<Arc<Tree>, BackendError>;
-
-    /// The merged tree if it is built already, without building it (never blocks on a
-    /// fetch): lets `stat` of the root show the image's attributes when they are known.
-    fn built_tree(&self) -> Option<Arc<Tree>> {
-        None
-    }
-
-    /// Open the local file holding the content of a regular file (layer index, `DataRef`),
-    /// read-only; blocks until it is local — or, for a file that is not
-    /// [complete](Backend::is_complete), until a file exists that [`Backend::ensure`] fills.
-    fn open(&self, layer: u32, data: DataRef) -> Result<std::fs::File, BackendError>;
-
-    /// Whether the file `open` returns holds all of the content already. When it does not
-    /// (a lazily fetched layer), reads call [`Backend::ensure`] first and never use
-    /// passthrough.
-    fn is_complete(&self, _layer: u32, _data: DataRef) -> bool {
-        true
-    }
-
-    /// Make `len` bytes of the content from `offset` local in the file `open` returned;
-    /// blocks until they are. Called before every read of a file that was not complete.
-    fn ensure(
-        &self,
-        _layer: u32,
-        _data: DataRef,
-        _offset: u64,
-        _len: u64,
-    ) -> Result<(), BackendError> {
-        Ok(())
-    }
-}
-
-/// Why the backend could not produce the tree or a file; logged at the FUSE boundary.
-#[derive(Clone, Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct BackendError {
-    /// The reason, with what failed (e.g. the layer digest).
-    pub message: String,
-}
-
-impl BackendError {
-    pub fn new(message: impl Into<String>) -> BackendError {
-        BackendError {
-            message: message.into(),
-        }
-    }
-}
 
 /// How to mount.
 #[derive(Clone, Debug)]
