@@ -37,7 +37,7 @@ pub use cache::{
     format_size, parse_size, plan_eviction,
 };
 pub use estargz::{LazyLayer, LazyState, RangeSource, has_toc};
-pub use pipeline::{BlobBody, BlobSource, LayerEvent, LayerJob, SourceError};
+pub use pipeline::{BlobBody, BlobSource, FoundLayer, LayerEvent, LayerJob, SourceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
