@@ -10,4 +10,5 @@ mod harness;
 mod mirrors;
 mod mount;
 mod registry_faults;
+mod schema1;
 mod support;
