@@ -12,10 +12,11 @@ use futures_util::StreamExt;
 
 use super::GlobalOpts;
 use crate::oci::manifest::{Descriptor, ImageConfig, ImageManifest, Manifest};
+use crate::oci::schema1::{FetchedLayer, Schema1Manifest};
 use crate::oci::{Digest, Platform, media};
 use crate::reference::Reference;
 use crate::registry::{Client, ClientConfig, Credentials, Mirror, Secret};
-use crate::store::{BlobBody, BlobSource, SourceError, Store};
+use crate::store::{BlobBody, BlobSource, Converted, SourceError, Store};
 
 /// Largest manifest or config we accept (real ones are a few KiB; this stops a hostile
 /// registry from making us buffer gigabytes).
@@ -394,6 +395,7 @@ pub async fn resolve(ctx: &Context, reference: &Reference) -> anyhow::Result<Res
         })?),
         None => None,
     };
+    let from_registry = local_top.is_none();
     let (top_digest, top_bytes, top_type) = match local_top {
         Some(d) => {
             let bytes = read_document(ctx, &d)?;
@@ -408,7 +410,9 @@ pub async fn resolve(ctx: &Context, reference: &Reference) -> anyhow::Result<Res
                     &reference.manifest_reference(),
                 )
                 .await?;
-            ctx.store.put_blob_bytes(&resp.digest, &resp.bytes)?;
+            // Under its digest, the bytes the digest covers (a signed schema 1 manifest's
+            // signatures are kept in its conversion record).
+            ctx.store.put_blob_bytes(&resp.digest, &resp.canonical)?;
             if reference.digest().is_none() {
                 ctx.store.set_ref(&ref_key, &resp.digest)?;
             }
@@ -419,8 +423,18 @@ pub async fn resolve(ctx: &Context, reference: &Reference) -> anyhow::Result<Res
     let parsed = crate::oci::manifest::parse_manifest(&top_bytes, top_type.as_deref())
         .with_context(|| format!("manifest {top_digest} of {reference}"))?;
     let from_index = matches!(parsed, Manifest::Index(_));
+    // A converted schema 1 manifest is shown as what was served, not as what it became.
+    let mut schema1_type = None;
     let (manifest_digest, manifest_bytes, content_type, manifest) = match parsed {
         Manifest::Image(m) => (top_digest, top_bytes, top_type, m),
+        Manifest::Schema1(s1) => {
+            let (served, s1, m) =
+                convert_schema1(ctx, reference, &top_digest, top_bytes, from_registry, s1)
+                    .await
+                    .with_context(|| format!("schema 1 manifest {top_digest} of {reference}"))?;
+            schema1_type = Some(s1.media_type().to_owned());
+            (top_digest, served, None, m)
+        }
         Manifest::Index(index) => {
             let entry: Descriptor = crate::oci::manifest::select_platform(&index, &ctx.platform)
                 .with_context(|| format!("{reference} is a multi-platform index"))?;
@@ -434,15 +448,19 @@ pub async fn resolve(ctx: &Context, reference: &Reference) -> anyhow::Result<Res
                     "manifest {} of {reference} is a nested index: not supported",
                     entry.digest
                 ),
+                Manifest::Schema1(_) => bail!(
+                    "manifest {} of {reference} is a schema 1 manifest inside an index: not \
+                     supported (schema 1 images are single-platform; pull one by its own tag)",
+                    entry.digest
+                ),
             }
         }
     };
     manifest
         .check_image()
         .with_context(|| format!("manifest {manifest_digest} of {reference}"))?;
-    let media_type = manifest
-        .media_type
-        .clone()
+    let media_type = schema1_type
+        .or(manifest.media_type.clone())
         .or(content_type.filter(|c| media::manifest_kind(c).is_some()))
         .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
 
@@ -496,6 +514,105 @@ pub async fn resolve(ctx: &Context, reference: &Reference) -> anyhow::Result<Res
         config,
         limits: ctx.limits,
     })
+}
+
+/// A schema 1 manifest as an image manifest, with the manifest bytes as served: from the
+/// store's record of an earlier conversion, else by fetching every layer now — a schema 1
+/// manifest has no diff_ids, so each layer is downloaded, verified against its blobSum,
+/// decompressed, hashed and extracted — and synthesising the config (`oci::schema1`).
+/// `bytes` are what the registry served when `from_registry`, else the cached canonical
+/// bytes (a signed manifest's signatures are then fetched again, by digest).
+async fn convert_schema1(
+    ctx: &Context,
+    reference: &Reference,
+    digest: &Digest,
+    bytes: Vec<u8>,
+    from_registry: bool,
+    s1: Schema1Manifest,
+) -> anyhow::Result<(Vec<u8>, Schema1Manifest, ImageManifest)> {
+    if let Some(c) = ctx.store.get_converted(digest)? {
+        let served = c.served.into_bytes();
+        let s1 = match crate::oci::manifest::parse_manifest(&served, None)? {
+            Manifest::Schema1(s1) => s1,
+            _ => bail!("the cache's record of it is not a schema 1 manifest"),
+        };
+        return Ok((served, s1, c.manifest));
+    }
+    if ctx.offline {
+        bail!(
+            "{reference} is a schema 1 image whose layers are not all in the cache: pull it \
+             without --offline first"
+        );
+    }
+    let (served, s1) = if from_registry {
+        (bytes, s1)
+    } else {
+        let resp = ctx
+            .client
+            .manifest(
+                reference.registry(),
+                reference.repository(),
+                &digest.to_string(),
+            )
+            .await?;
+        match crate::oci::manifest::parse_manifest(&resp.bytes, None)? {
+            Manifest::Schema1(s1) => (resp.bytes.to_vec(), s1),
+            _ => bail!("the registry now serves something else under {digest}"),
+        }
+    };
+
+    let blobs = s1.layer_blobs();
+    let mut unique: Vec<Digest> = Vec::new();
+    for b in &blobs {
+        if !unique.contains(b) {
+            unique.push((*b).clone());
+        }
+    }
+    tracing::info!(
+        %reference,
+        layers = unique.len(),
+        "schema 1 image: fetching every layer to compute its diff_id"
+    );
+    let source: Arc<dyn BlobSource> = RegistrySource::new(ctx, reference);
+    let fetches = unique.iter().map(|blob| {
+        let source = source.clone();
+        async move {
+            ctx.store
+                .ensure_layer_of_blob(source, blob, ctx.limits, 4, Arc::new(|_| {}))
+                .await
+                .map(|found| (blob.clone(), found))
+                .with_context(|| format!("layer {blob}"))
+        }
+    });
+    let mut found = std::collections::HashMap::new();
+    let mut results =
+        futures_util::stream::iter(fetches).buffer_unordered(super::pull::LAYER_CONCURRENCY);
+    while let Some(r) = results.next().await {
+        let (blob, f) = r?;
+        found.insert(blob, f);
+    }
+    let layers: Vec<FetchedLayer> = blobs
+        .iter()
+        .map(|b| {
+            let f: &crate::store::FoundLayer = &found[*b];
+            FetchedLayer {
+                blob: (*b).clone(),
+                size: f.size,
+                compression: f.compression,
+                diff_id: f.diff_id.clone(),
+            }
+        })
+        .collect();
+    let diff_ids: Vec<Digest> = layers.iter().map(|l| l.diff_id.clone()).collect();
+    let config = s1.image_config(&diff_ids)?;
+    let manifest = s1.image_manifest(&config, &layers);
+    ctx.store.put_blob_bytes(&manifest.config.digest, &config)?;
+    let converted = Converted {
+        served: String::from_utf8(served).context("the manifest is not UTF-8")?,
+        manifest,
+    };
+    ctx.store.set_converted(digest, &converted)?;
+    Ok((converted.served.into_bytes(), s1, converted.manifest))
 }
 
 /// A cached manifest or config; a digest naming something large (a layer blob) is refused

@@ -20,8 +20,8 @@
 //!
 //! # How a document is recognised (`parse_manifest`)
 //!
-//! 1. `schemaVersion: 1` (or schema 1's `fsLayers` / `signatures`) → refused: schema 1 is
-//!    deprecated, unsigned in practice and has no content-addressed config.
+//! 1. `schemaVersion: 1` (or schema 1's `fsLayers` / `signatures`) → a Docker schema 1
+//!    manifest, parsed and validated by [`crate::oci::schema1`].
 //! 2. The body's `mediaType` if present: authoritative, an unknown one is an error.
 //! 3. Else the response `Content-Type` if it names a manifest type (registries often send
 //!    `application/json` or `text/plain` for manifests pushed without `mediaType`; those are
@@ -36,6 +36,7 @@ use serde_json::Value;
 use crate::oci::Digest;
 use crate::oci::media::{self, Compression, ManifestKind, MediaError};
 use crate::oci::platform::Platform;
+use crate::oci::schema1::{self, Schema1Error, Schema1Manifest};
 
 /// The annotation BuildKit puts on attestation (SBOM / provenance) entries of an index.
 pub const ANNOTATION_REFERENCE_TYPE: &str = "vnd.docker.reference.type";
@@ -165,10 +166,13 @@ impl ImageManifest {
     clippy::large_enum_variant,
     reason = "one short-lived value per pull; boxing would only add noise at every match"
 )]
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Manifest {
     Index(ImageIndex),
     Image(ImageManifest),
+    /// A legacy Docker schema 1 manifest: becomes an [`ImageManifest`] once its layers are
+    /// fetched (see [`crate::oci::schema1`]).
+    Schema1(Schema1Manifest),
 }
 
 /// An image config (`config.md`): the fields imagefs uses, plus the whole document.
@@ -207,8 +211,8 @@ pub enum ManifestError {
         document: &'static str,
         reason: String,
     },
-    #[error("legacy schema 1 manifest, not supported: re-push the image with a current client")]
-    Schema1,
+    #[error("schema 1 manifest: {0}: the image is malformed, re-push it with a current client")]
+    Schema1(#[from] Schema1Error),
     #[error("unsupported manifest schemaVersion {version}: expected 2")]
     SchemaVersion { version: String },
     #[error(
@@ -279,7 +283,7 @@ pub fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Manife
     match fields.get("schemaVersion") {
         None => {}
         Some(v) if v.as_u64() == Some(2) => {}
-        Some(v) if v.as_u64() == Some(1) => return Err(ManifestError::Schema1),
+        Some(v) if v.as_u64() == Some(1) => return Ok(Manifest::Schema1(schema1::parse(bytes)?)),
         Some(v) => {
             return Err(ManifestError::SchemaVersion {
                 version: v.to_string(),
@@ -287,7 +291,7 @@ pub fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Manife
         }
     }
     if fields.contains_key("fsLayers") || fields.contains_key("signatures") {
-        return Err(ManifestError::Schema1);
+        return Ok(Manifest::Schema1(schema1::parse(bytes)?));
     }
 
     let kind = match fields.get("mediaType") {
@@ -319,7 +323,7 @@ pub fn parse_manifest(bytes: &[u8], content_type: Option<&str>) -> Result<Manife
     };
 
     match kind {
-        ManifestKind::Schema1 => Err(ManifestError::Schema1),
+        ManifestKind::Schema1 => Ok(Manifest::Schema1(schema1::parse(bytes)?)),
         ManifestKind::Index => {
             let index: ImageIndex = parse_typed(bytes, "image index")?;
             check_sizes("image index", index.manifests.iter().chain(&index.subject))?;
@@ -464,14 +468,14 @@ mod tests {
     fn index(bytes: &[u8]) -> ImageIndex {
         match parse_manifest(bytes, None).unwrap() {
             Manifest::Index(index) => index,
-            Manifest::Image(_) => panic!("parsed as an image manifest"),
+            other => panic!("parsed as {other:?}"),
         }
     }
 
     fn image(bytes: &[u8], content_type: Option<&str>) -> ImageManifest {
         match parse_manifest(bytes, content_type).unwrap() {
             Manifest::Image(image) => image,
-            Manifest::Index(_) => panic!("parsed as an index"),
+            other => panic!("parsed as {other:?}"),
         }
     }
 
@@ -677,7 +681,6 @@ mod tests {
     #[test]
     fn refused_documents() {
         let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-        let schema1 = data("docker-schema1.json");
         let deep_top = "[".repeat(10_000);
         let deep_inner = format!(r#"{{"schemaVersion":2,"layers":{}"#, "[".repeat(10_000));
         let deep_annotations = format!(
@@ -685,11 +688,12 @@ mod tests {
             "{\"a\":".repeat(10_000)
         );
         let cases: Vec<(Vec<u8>, Option<&str>, &str)> = vec![
-            (schema1.clone(), None, "legacy schema 1 manifest, not supported: re-push the image with a current client"),
-            (schema1.clone(), Some(media::DOCKER_SCHEMA1_SIGNED_MANIFEST), "legacy schema 1"),
-            (br#"{"mediaType":"application/vnd.docker.distribution.manifest.v1+prettyjws"}"#.to_vec(), None, "legacy schema 1"),
-            (br#"{"name":"x","tag":"y","fsLayers":[]}"#.to_vec(), None, "legacy schema 1"),
-            (br#"{"config":{},"layers":[]}"#.to_vec(), Some(media::DOCKER_SCHEMA1_MANIFEST), "legacy schema 1"),
+            // Schema 1 is told by its schemaVersion, media type or keys, then must be whole
+            // (more cases in `oci::schema1`).
+            (br#"{"mediaType":"application/vnd.docker.distribution.manifest.v1+prettyjws"}"#.to_vec(), None, "malformed schema 1 manifest: missing field `fsLayers`"),
+            (br#"{"name":"x","tag":"y","fsLayers":[]}"#.to_vec(), None, "malformed schema 1 manifest: missing field `history`"),
+            (br#"{"config":{},"layers":[]}"#.to_vec(), Some(media::DOCKER_SCHEMA1_MANIFEST), "malformed schema 1 manifest: missing field `fsLayers`"),
+            (br#"{"schemaVersion":1,"fsLayers":[],"history":[]}"#.to_vec(), None, "schema 1 manifest: fsLayers is empty: the image is malformed"),
             (br#"{"schemaVersion":3,"manifests":[]}"#.to_vec(), None, "unsupported manifest schemaVersion 3: expected 2"),
             (br#"{"schemaVersion":"2","manifests":[]}"#.to_vec(), None, "schemaVersion \"2\""),
             (br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.artifact.manifest.v1+json","blobs":[]}"#.to_vec(), None, "unsupported manifest media type \"application/vnd.oci.artifact.manifest.v1+json\""),

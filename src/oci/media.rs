@@ -31,14 +31,15 @@ pub const DOCKER_FOREIGN_LAYER_GZIP: &str =
 pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
 pub const DOCKER_LAYER_ZSTD: &str = "application/vnd.docker.image.rootfs.diff.tar.zstd";
 
-// Docker image manifest v2, schema 1: deprecated, unsupported here (see `ManifestKind`).
+// Docker image manifest v2, schema 1: deprecated, read by converting it (`oci::schema1`).
 pub const DOCKER_SCHEMA1_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v1+json";
 pub const DOCKER_SCHEMA1_SIGNED_MANIFEST: &str =
     "application/vnd.docker.distribution.manifest.v1+prettyjws";
 
 /// The `Accept` header for manifest requests, most preferred first. Without the two Docker
 /// types a distribution 2.x registry would down-convert schema 2 manifests to schema 1;
-/// schema 1 itself is left out because we cannot use it.
+/// schema 1 itself is left out (the client appends it last: it is used only when it is all
+/// a registry has, as it cannot be mounted lazily).
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
      application/vnd.docker.distribution.manifest.list.v2+json, \
      application/vnd.oci.image.manifest.v1+json, \
@@ -51,7 +52,7 @@ pub enum ManifestKind {
     Index,
     /// An OCI image manifest or a Docker v2 schema 2 manifest: config + layers.
     Image,
-    /// Docker v2 schema 1, signed or not: recognised only to be refused clearly.
+    /// Docker v2 schema 1, signed or not: converted to an image manifest on pull.
     Schema1,
 }
 

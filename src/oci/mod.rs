@@ -1,10 +1,12 @@
 //! OCI / Docker image-spec types: digests, media types, platforms, manifests, indexes and
-//! configs. Pure parsing: no network, no async, no filesystem.
+//! configs, and legacy Docker schema 1 manifests. Pure parsing: no network, no async, no
+//! filesystem.
 
 pub mod digest;
 pub mod manifest;
 pub mod media;
 pub mod platform;
+pub mod schema1;
 
 pub use digest::{Digest, DigestError, Hasher};
 pub use manifest::{
@@ -13,3 +15,4 @@ pub use manifest::{
 };
 pub use media::{Compression, MediaError, layer_compression};
 pub use platform::{Platform, PlatformError};
+pub use schema1::{Schema1Error, Schema1Manifest};

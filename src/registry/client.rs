@@ -7,6 +7,7 @@
 //! are often redirected to storage on another host; reqwest follows and drops
 //! `Authorization` when the host (or port) changes.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -21,8 +22,8 @@ use reqwest::header::{
 };
 use reqwest::{Response, StatusCode};
 
-use crate::oci::Digest;
 use crate::oci::media::{DOCKER_SCHEMA1_MANIFEST, DOCKER_SCHEMA1_SIGNED_MANIFEST, MANIFEST_ACCEPT};
+use crate::oci::{Digest, schema1};
 
 use super::auth::{self, Scheme, Token, TokenResponse};
 use super::credentials::{self, Identity, Secret};
@@ -38,6 +39,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A longer `Retry-After` is not waited for: the error is reported instead.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(30);
 const OAUTH_CLIENT_ID: &str = "imagefs";
+const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 
 /// The API host of `registry`: Docker Hub's names map to `registry-1.docker.io`.
 pub fn api_host(registry: &str) -> &str {
@@ -131,6 +133,15 @@ impl Call {
             _ => self.path.contains("/tags/list"),
         }
     }
+}
+
+/// A whole response body and the headers that describe it.
+struct Whole {
+    bytes: Bytes,
+    url: String,
+    content_type: Option<String>,
+    /// `Docker-Content-Digest`: the registry's digest of a manifest.
+    content_digest: Option<String>,
 }
 
 /// What a request carried, to know what to drop on a 401.
@@ -231,9 +242,12 @@ impl Client {
         })
     }
 
-    /// `GET /v2/<repository>/manifests/<reference>`, the reference a tag or a digest. A
-    /// digest reference is verified against the body. Schema 1 types are accepted so that
-    /// the caller can recognise and refuse them.
+    /// `GET /v2/<repository>/manifests/<reference>`, the reference a tag or a digest. The
+    /// manifest digest is computed over the body's canonical bytes (for a signed schema 1
+    /// manifest, the payload without its signatures: [`crate::oci::schema1`]), as the
+    /// registry computes it, and verified against a digest reference and against the
+    /// `Docker-Content-Digest` header when there is one (as containerd does). Schema 1 types
+    /// are accepted, least preferred, for registries that have nothing else.
     pub async fn manifest(
         &self,
         registry: &str,
@@ -253,7 +267,7 @@ impl Client {
                 reference: reference.to_owned(),
             },
         };
-        let (bytes, url, content_type) = match self.fetch_whole(&call, MANIFEST_MAX).await {
+        let whole = match self.fetch_whole(&call, MANIFEST_MAX).await {
             Ok(v) => v,
             Err(Error::TagNotFound { repository, tag }) => {
                 return Err(self
@@ -262,18 +276,37 @@ impl Client {
             }
             Err(e) => return Err(e),
         };
-        if let Ok(expected) = reference.parse::<Digest>() {
-            expected
-                .verify(&bytes)
-                .map_err(|actual| Error::DigestMismatch {
+        let Whole {
+            bytes,
+            url,
+            content_type,
+            content_digest,
+        } = whole;
+        let canonical = match schema1::canonical_bytes(&bytes) {
+            Ok(Cow::Borrowed(_)) => bytes.clone(),
+            Ok(Cow::Owned(payload)) => Bytes::from(payload),
+            Err(e) => {
+                return Err(Error::BadResponse {
                     url,
+                    reason: crate::oci::ManifestError::from(e).to_string(),
+                });
+            }
+        };
+        // A header that is not a digest we know (another algorithm) cannot be checked.
+        let header = content_digest.and_then(|d| d.parse::<Digest>().ok());
+        for expected in reference.parse::<Digest>().ok().into_iter().chain(header) {
+            expected
+                .verify(&canonical)
+                .map_err(|actual| Error::DigestMismatch {
+                    url: url.clone(),
                     expected,
                     actual,
                 })?;
         }
         Ok(ManifestResponse {
-            digest: Digest::sha256(&bytes),
+            digest: Digest::sha256(&canonical),
             bytes,
+            canonical,
             content_type,
         })
     }
@@ -313,7 +346,7 @@ impl Client {
         max_bytes: u64,
     ) -> Result<Bytes, Error> {
         let call = self.blob_call(registry, repository, digest, None);
-        let (bytes, url, _) = self.fetch_whole(&call, max_bytes).await?;
+        let Whole { bytes, url, .. } = self.fetch_whole(&call, max_bytes).await?;
         digest
             .verify(&bytes)
             .map_err(|actual| Error::DigestMismatch {
@@ -420,21 +453,28 @@ impl Client {
     }
 
     /// A whole small body; a body that breaks off is fetched again like any transient error.
-    async fn fetch_whole(
-        &self,
-        call: &Call,
-        limit: u64,
-    ) -> Result<(Bytes, String, Option<String>), Error> {
+    async fn fetch_whole(&self, call: &Call, limit: u64) -> Result<Whole, Error> {
         let mut attempt = 0;
         loop {
             let (response, url) = self.send(call).await?;
-            let content_type = response
-                .headers()
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let content_type = header(CONTENT_TYPE.as_str());
+            let content_digest = header(DOCKER_CONTENT_DIGEST);
             match read_body(response, &url, limit, self.inner.config.timeout).await {
-                Ok(bytes) => return Ok((bytes, url, content_type)),
+                Ok(bytes) => {
+                    return Ok(Whole {
+                        bytes,
+                        url,
+                        content_type,
+                        content_digest,
+                    });
+                }
                 Err(e) if e.is_transient() && attempt < self.inner.config.max_retries => {
                     tracing::debug!(%url, error = %e, attempt, "body broke off, retrying");
                     tokio::time::sleep(backoff(attempt)).await;

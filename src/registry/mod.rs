@@ -137,11 +137,15 @@ impl Default for ClientConfig {
 /// A manifest (or index) as the registry sent it.
 #[derive(Clone, Debug)]
 pub struct ManifestResponse {
-    /// The exact bytes: digests are computed over them, never over re-serialised JSON.
+    /// The exact bytes served.
     pub bytes: Bytes,
+    /// The bytes the manifest digest covers: `bytes` itself, except for a signed schema 1
+    /// manifest (its payload without the signatures). Digests are computed over these, never
+    /// over re-serialised JSON.
+    pub canonical: Bytes,
     /// The `Content-Type` header, parameters included.
     pub content_type: Option<String>,
-    /// sha256 of `bytes`.
+    /// sha256 of `canonical`: the digest the registry gives this manifest.
     pub digest: Digest,
 }
 

@@ -279,7 +279,12 @@ impl Store {
 
     /// The store entries an image uses, as keys of [`Store::entry_sizes`].
     fn image_entries(&self, r: &ImageRecord) -> Vec<String> {
-        let mut v = vec![format!("blob:{}", r.manifest), format!("blob:{}", r.config)];
+        let mut v = vec![
+            format!("blob:{}", r.manifest),
+            format!("blob:{}", r.config),
+            // Only schema 1 images have one; a missing entry weighs nothing.
+            format!("schema1:{}", r.manifest),
+        ];
         for l in &r.layers {
             v.push(format!("blob:{}", l.blob));
             v.push(format!("layer:{}", l.diff_id));
@@ -295,6 +300,7 @@ impl Store {
             "blob" => self.blob_path(&d),
             "layer" => self.layer_dir(&d),
             "estargz" => self.estargz_dir(&d),
+            "schema1" => self.converted_path(&d),
             _ => return None,
         })
     }
@@ -467,7 +473,7 @@ impl Store {
         }
         let cutoff = SystemTime::now() - min_age;
         let mut removed = Removed::default();
-        for kind in ["blobs", "layers", "estargz"] {
+        for kind in ["blobs", "layers", "estargz", "schema1"] {
             for alg in ["sha256", "sha512"] {
                 let dir = self.root.join(kind).join(alg);
                 let Ok(entries) = fs::read_dir(&dir) else {

@@ -11,6 +11,8 @@
 //! tmp/                        extraction in progress (never looks like a layer)
 //! locks/                      one lock file per blob / layer being written
 //! refs.json                   "registry/repository:tag" → manifest digest
+//! schema1/sha256/<hex>.json   a Docker schema 1 manifest (by its digest) as served, and the
+//!                             image manifest it was converted to (see [`Converted`])
 //! images/, mounts/            image records and live mounts (see `cache.rs`)
 //! ```
 //!
@@ -30,16 +32,30 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 use crate::layer::index::{DataRef, LayerIndex};
-use crate::oci::Digest;
+use crate::oci::{Digest, ImageManifest};
 
 pub use cache::{
     Corrupt, ImageRecord, ImageUsage, LayerRecord, LiveMount, MountRegistration, Removed, Usage,
     format_size, parse_size, plan_eviction,
 };
 pub use estargz::{LazyLayer, LazyState, RangeSource, has_toc};
-pub use pipeline::{BlobBody, BlobSource, LayerEvent, LayerJob, SourceError};
+pub use pipeline::{BlobBody, BlobSource, FoundLayer, LayerEvent, LayerJob, SourceError};
 pub use trust::{Untrusted, check_cache_dir};
+
+/// What a Docker schema 1 manifest was converted to (`oci::schema1`). Converting needs every
+/// layer fetched and decompressed; this record lets a later mount, or `--offline`, skip all
+/// of that. The synthesised config is a blob like any other.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Converted {
+    /// The manifest exactly as the registry served it, signatures included (what
+    /// `.manifest.json` shows); its canonical bytes hash to the record's digest.
+    pub served: String,
+    /// The equivalent image manifest: the synthesised config, the non-empty layers.
+    pub manifest: ImageManifest,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -317,6 +333,53 @@ impl Store {
             }
             None => None,
         })
+    }
+
+    pub(crate) fn converted_path(&self, manifest: &Digest) -> PathBuf {
+        self.root
+            .join("schema1")
+            .join(manifest.algorithm().as_str())
+            .join(format!("{}.json", manifest.hex()))
+    }
+
+    /// Record what the schema 1 manifest `manifest` was converted to. Write it last, once the
+    /// config blob and every layer are in the store.
+    pub fn set_converted(
+        &self,
+        manifest: &Digest,
+        converted: &Converted,
+    ) -> Result<(), StoreError> {
+        let path = self.converted_path(manifest);
+        let dir = path.parent().expect("records live in a directory");
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let bytes = serde_json::to_vec(converted).expect("a record serialises");
+        self.write_atomic(&path, &bytes)
+    }
+
+    /// The conversion of the schema 1 manifest `manifest`, if recorded and still usable (its
+    /// config blob present). The served bytes are verified against `manifest`.
+    pub fn get_converted(&self, manifest: &Digest) -> Result<Option<Converted>, StoreError> {
+        let path = self.converted_path(manifest);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let corrupt = |message: String| StoreError::Corrupt {
+            path: path.clone(),
+            message,
+        };
+        let converted: Converted =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        let canonical = crate::oci::schema1::canonical_bytes(converted.served.as_bytes())
+            .map_err(|e| corrupt(e.to_string()))?;
+        if let Err(actual) = manifest.verify(&canonical) {
+            return Err(corrupt(format!("its manifest hashes to {actual}")));
+        }
+        if !self.has_blob(&converted.manifest.config.digest) {
+            return Ok(None);
+        }
+        Ok(Some(converted))
     }
 
     fn refs(&self) -> Result<BTreeMap<String, String>, StoreError> {

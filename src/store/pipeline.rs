@@ -5,6 +5,11 @@
 //! An interrupted download keeps its partial file; the next attempt re-reads that prefix
 //! locally and asks the source only for the rest (HTTP Range). Nothing becomes visible under
 //! a digest before both the blob digest and the diff_id verified.
+//!
+//! A Docker schema 1 layer comes with its blob digest alone: [`Store::ensure_layer_of_blob`]
+//! runs the same pass with the size, the compression (read from the first bytes) and the
+//! diff_id unknown, and returns them. The diff_id is then what the pass computed, and the
+//! layer becomes visible only after the blob digest verified.
 
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
@@ -78,6 +83,27 @@ pub struct LayerJob {
     pub attempts: u32,
 }
 
+/// What a layer blob turned out to hold, found by [`Store::ensure_layer_of_blob`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FoundLayer {
+    pub diff_id: Digest,
+    /// Compressed size.
+    pub size: u64,
+    pub compression: Compression,
+}
+
+/// A [`LayerJob`] with what may be unknown left open: the internal form of both entry points.
+#[derive(Clone, Debug)]
+struct Target {
+    digest: Digest,
+    size: Option<u64>,
+    diff_id: Option<Digest>,
+    /// `None`: told by the blob's first bytes (gzip, zstd, else plain tar).
+    compression: Option<Compression>,
+    limits: Limits,
+    attempts: u32,
+}
+
 type Progress = Arc<dyn Fn(LayerEvent) + Send + Sync>;
 
 impl Store {
@@ -93,26 +119,82 @@ impl Store {
             progress(LayerEvent::Cached);
             return Ok(());
         }
-        let store = self.clone();
-        let lock_name = format!("layer-{}", job.diff_id.hex());
-        let lock = tokio::task::spawn_blocking(move || store.lock(&lock_name))
-            .await
-            .expect("lock task panicked")?;
-        let _lock = lock;
+        let _lock = self
+            .lock_async(format!("layer-{}", job.diff_id.hex()))
+            .await?;
         if self.has_layer(&job.diff_id) {
             progress(LayerEvent::Cached);
             return Ok(());
         }
+        let target = Target {
+            digest: job.digest.clone(),
+            size: Some(job.size),
+            diff_id: Some(job.diff_id.clone()),
+            compression: Some(job.compression),
+            limits: job.limits,
+            attempts: job.attempts,
+        };
+        self.fetch_with_retries(&source, &target, &progress)
+            .await
+            .map(drop)
+    }
 
+    /// Make sure the layer in blob `digest` is extracted in the store when neither its size,
+    /// its compression nor its diff_id is known (a Docker schema 1 layer), and return them,
+    /// as computed while streaming. The blob is verified against `digest` before the layer
+    /// becomes visible; a blob already in the store is read locally. Safe to call
+    /// concurrently.
+    pub async fn ensure_layer_of_blob(
+        &self,
+        source: Arc<dyn BlobSource>,
+        digest: &Digest,
+        limits: Limits,
+        attempts: u32,
+        progress: Progress,
+    ) -> Result<FoundLayer, StoreError> {
+        let target = Target {
+            digest: digest.clone(),
+            size: None,
+            diff_id: None,
+            compression: None,
+            limits,
+            attempts,
+        };
+        self.fetch_with_retries(&source, &target, &progress).await
+    }
+
+    /// `lock`, off the async threads (it blocks until the holder is done).
+    async fn lock_async(&self, name: String) -> Result<File, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.lock(&name))
+            .await
+            .expect("lock task panicked")
+    }
+
+    async fn fetch_with_retries(
+        &self,
+        source: &Arc<dyn BlobSource>,
+        job: &Target,
+        progress: &Progress,
+    ) -> Result<FoundLayer, StoreError> {
+        // The partial download is the blob's, whatever diff_id the caller expects.
+        let _lock = self
+            .lock_async(format!("blob-{}", job.digest.hex()))
+            .await?;
+        if job.size.is_none() {
+            // A leftover of unknown length may be the whole blob, which a Range request
+            // could not resume: start afresh. Resuming within this call still works.
+            let _ = fs::remove_file(self.partial_path(&job.digest));
+        }
         let mut attempt = 0;
         let partial_len = || fs::metadata(self.partial_path(&job.digest)).map_or(0, |m| m.len());
         loop {
             attempt += 1;
             let before = partial_len();
-            match self.fetch_once(&source, job, &progress).await {
-                Ok(()) => {
+            match self.fetch_once(source, job, progress).await {
+                Ok(found) => {
                     progress(LayerEvent::Done);
-                    return Ok(());
+                    return Ok(found);
                 }
                 // Resume only after progress: an attempt that got no byte failed to reach the
                 // registry, and the client already spent its retries (and its timeout) on that.
@@ -133,9 +215,9 @@ impl Store {
     async fn fetch_once(
         &self,
         source: &Arc<dyn BlobSource>,
-        job: &LayerJob,
+        job: &Target,
         progress: &Progress,
-    ) -> Result<(), Failure> {
+    ) -> Result<FoundLayer, Failure> {
         let blob_path = self.blob_path(&job.digest);
         let partial = self.partial_path(&job.digest);
         let have_blob = blob_path.is_file();
@@ -145,10 +227,10 @@ impl Store {
         let mut resumed = 0;
         if !have_blob {
             resumed = fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
-            if resumed > job.size {
+            if job.size.is_some_and(|size| resumed > size) {
                 resumed = 0;
             }
-            let fetched = if resumed == job.size && resumed > 0 {
+            let fetched = if job.size == Some(resumed) && resumed > 0 {
                 None
             } else {
                 Some(source.fetch(&job.digest, resumed).await.map_err(|e| {
@@ -179,7 +261,7 @@ impl Store {
             }
         }
         progress(LayerEvent::Started {
-            size: job.size,
+            size: job.size.unwrap_or(0),
             resumed,
         });
 
@@ -196,13 +278,13 @@ impl Store {
 
     fn extract_blocking(
         &self,
-        job: &LayerJob,
+        job: &Target,
         have_blob: bool,
         resumed: u64,
         body: Option<ByteStream>,
         handle: tokio::runtime::Handle,
         progress: Progress,
-    ) -> Result<(), Failure> {
+    ) -> Result<FoundLayer, Failure> {
         let blob_path = self.blob_path(&job.digest);
         let partial = self.partial_path(&job.digest);
         let fin = |e: StoreError| Failure::Final(e);
@@ -233,14 +315,26 @@ impl Store {
         fs::create_dir_all(&data_dir).map_err(|e| fin(io_err(&data_dir)(e)))?;
         let cleanup = TempDir(tmp.clone());
 
+        let mut compression = job.compression;
         let result =
             (|| -> io::Result<Result<(crate::layer::LayerIndex, Digest, u64), StoreError>> {
                 let count = std::sync::atomic::AtomicU64::new(0);
-                let dec = decompress::decoder(job.compression, CountInto(&mut compressed, &count))?;
+                let mut counted = CountInto(&mut compressed, &count);
+                let (head, found) = match compression {
+                    Some(c) => (Vec::new(), c),
+                    None => sniff_compression(&mut counted)?,
+                };
+                compression = Some(found);
+                let dec = decompress::decoder(found, io::Cursor::new(head).chain(counted))?;
                 let bounded = decompress::Bounded::new(dec, job.limits, || {
                     count.load(std::sync::atomic::Ordering::Relaxed)
                 });
-                let mut tar_stream = Hashing::new(bounded, job.diff_id.hasher(), Arc::new(|_| {}));
+                // The diff_id's algorithm, when unknown, is the canonical one (sha256).
+                let hasher = match &job.diff_id {
+                    Some(d) => d.hasher(),
+                    None => Hasher::new(crate::oci::digest::Algorithm::Sha256),
+                };
+                let mut tar_stream = Hashing::new(bounded, hasher, Arc::new(|_| {}));
                 let index = match index_layer(&mut tar_stream, Some(&data_dir)) {
                     Ok(i) => i,
                     Err(crate::layer::tar::TarError::Read { source }) => return Err(source),
@@ -284,33 +378,71 @@ impl Store {
                 actual: blob_digest,
             }));
         }
-        if blob_size != job.size {
+        if let Some(expected) = job.size
+            && blob_size != expected
+        {
             let _ = fs::remove_file(&partial);
             return Err(fin(StoreError::SizeMismatch {
                 digest: job.digest.clone(),
-                expected: job.size,
+                expected,
                 actual: blob_size,
             }));
         }
         if !have_blob {
             fs::rename(&partial, &blob_path).map_err(|e| fin(io_err(&blob_path)(e)))?;
         }
-        if diff_id != job.diff_id {
+        if let Some(expected) = &job.diff_id
+            && diff_id != *expected
+        {
             return Err(fin(StoreError::DigestMismatch {
                 what: "layer diff_id",
-                expected: job.diff_id.clone(),
+                expected: expected.clone(),
                 actual: diff_id,
             }));
+        }
+        let found = FoundLayer {
+            diff_id,
+            size: blob_size,
+            compression: compression.expect("set before decompressing"),
+        };
+        // A layer found by its blob alone may be in the store already (another image has
+        // it, or another process extracted it meanwhile): keep that one.
+        if self.has_layer(&found.diff_id) {
+            return Ok(found);
         }
 
         let index_path = tmp.join("index.json");
         let json = serde_json::to_vec(&index).expect("index serialises");
         fs::write(&index_path, json).map_err(|e| fin(io_err(&index_path)(e)))?;
-        let dest = self.layer_dir(&job.diff_id);
-        fs::rename(&tmp, &dest).map_err(|e| fin(io_err(&dest)(e)))?;
+        let dest = self.layer_dir(&found.diff_id);
+        if let Err(e) = fs::rename(&tmp, &dest) {
+            // Renamed into place by a concurrent extraction of the same layer just now.
+            if !self.has_layer(&found.diff_id) {
+                return Err(fin(io_err(&dest)(e)));
+            }
+            return Ok(found);
+        }
         std::mem::forget(cleanup);
-        Ok(())
+        Ok(found)
     }
+}
+
+/// The compression of a stream, from its first bytes (as containerd's `DecompressStream`
+/// tells it): gzip and zstd by their magic numbers, anything else is a plain tar. Returns
+/// the bytes read, to be replayed in front of the rest.
+fn sniff_compression(r: &mut impl Read) -> io::Result<(Vec<u8>, Compression)> {
+    const GZIP: [u8; 2] = [0x1f, 0x8b];
+    const ZSTD: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+    let mut head = Vec::with_capacity(ZSTD.len());
+    r.by_ref().take(ZSTD.len() as u64).read_to_end(&mut head)?;
+    let compression = if head.starts_with(&GZIP) {
+        Compression::Gzip
+    } else if head.starts_with(&ZSTD) {
+        Compression::Zstd
+    } else {
+        Compression::None
+    };
+    Ok((head, compression))
 }
 
 impl Store {
@@ -320,7 +452,7 @@ impl Store {
     fn data_failure<R: Read>(
         &self,
         compressed: &mut Hashing<R>,
-        job: &LayerJob,
+        job: &Target,
         e: StoreError,
     ) -> Failure {
         let _ = fs::remove_file(self.partial_path(&job.digest));
@@ -342,7 +474,7 @@ impl Store {
 
 /// Whether an I/O failure while streaming came from the network (worth resuming) or from
 /// the data itself (bad gzip, bad tar: final).
-fn classify(job: &LayerJob, e: io::Error) -> Failure {
+fn classify(job: &Target, e: io::Error) -> Failure {
     if let Some(net) = e.get_ref().and_then(|i| i.downcast_ref::<NetError>()) {
         return Failure::Transient(StoreError::Source {
             digest: job.digest.clone(),
@@ -589,6 +721,93 @@ mod tests {
             .await
             .unwrap();
         assert!(store.has_layer(&diff_id));
+    }
+
+    #[tokio::test]
+    async fn a_layer_found_by_its_blob_alone() {
+        let (gz, digest, diff_id) = layer();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        b.append_data(&mut h, "plain", &b"abc"[..]).unwrap();
+        let plain = b.into_inner().unwrap();
+        let plain_digest = Digest::sha256(&plain);
+        // (blob, its digest, want: (diff_id, compression))
+        let cases = [
+            (
+                gz.clone(),
+                digest.clone(),
+                (diff_id.clone(), Compression::Gzip),
+            ),
+            (
+                plain.clone(),
+                plain_digest.clone(),
+                (plain_digest.clone(), Compression::None),
+            ),
+        ];
+        for (blob, blob_digest, (want_diff_id, want_compression)) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            // A dropped connection half way: resumed within the call.
+            let src = source(&blob, Some(blob.len() / 2), false);
+            let found = store
+                .ensure_layer_of_blob(
+                    src.clone(),
+                    &blob_digest,
+                    Limits::default(),
+                    3,
+                    Arc::new(|_| {}),
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                found,
+                FoundLayer {
+                    diff_id: want_diff_id.clone(),
+                    size: blob.len() as u64,
+                    compression: want_compression,
+                }
+            );
+            assert!(store.has_layer(&want_diff_id) && store.has_blob(&blob_digest));
+            // Again: from the stored blob, no request.
+            let again = store
+                .ensure_layer_of_blob(
+                    src.clone(),
+                    &blob_digest,
+                    Limits::default(),
+                    3,
+                    Arc::new(|_| {}),
+                )
+                .await
+                .unwrap();
+            assert_eq!(again, found);
+            assert_eq!(src.offsets.lock().unwrap().len(), 2);
+            assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
+        }
+
+        // Other bytes than the blobSum names: nothing is stored, under any name.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let err = store
+            .ensure_layer_of_blob(
+                source(&plain, None, false),
+                &digest,
+                Limits::default(),
+                3,
+                Arc::new(|_| {}),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("failed verification"), "{err}");
+        assert!(!store.has_blob(&digest) && !store.has_layer(&plain_digest));
+        assert_eq!(
+            fs::read_dir(store.layer_dir(&plain_digest).parent().unwrap())
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[tokio::test]

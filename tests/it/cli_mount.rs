@@ -54,7 +54,7 @@ pub(crate) fn walk_mount(m: &Mount) -> Snapshot {
     Snapshot::take(m.path(), &walk)
 }
 
-fn walk_dir(root: &Path) -> Snapshot {
+pub(crate) fn walk_dir(root: &Path) -> Snapshot {
     Snapshot::take(
         root,
         &Walk {
@@ -242,7 +242,7 @@ fn heavy_layer() -> Vec<Entry> {
 /// containerd, which reads tars the same way; POSIX pax says an empty value deletes the
 /// keyword). imagefs keeps such an xattr with an empty value, as GNU tar extracts it; the
 /// tests check it against the image's intended value instead.
-fn oracle_compare() -> Compare {
+pub(crate) fn oracle_compare() -> Compare {
     Compare {
         ignore_empty_xattrs: true,
         ..Compare::default()

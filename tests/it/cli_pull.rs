@@ -1027,38 +1027,82 @@ fn tampered_layer_blob_in_the_registry_is_refused_and_not_stored() {
     assert_cache_consistent(&imagefs);
 }
 
-/// Distribution 2.8 refuses to store a schema 1 manifest without a signing key, so an
-/// in-process server plays a registry that still serves one.
+/// Distribution validates the schema 1 manifests it stores, so an in-process server plays a
+/// registry that serves broken ones: each is refused with what is wrong, before any blob.
+/// (Well-formed schema 1 images are mounted in `schema1.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn schema1_manifest_is_refused_as_legacy() {
-    let manifest = json!({
-        "schemaVersion": 1,
-        "name": "old/app",
-        "tag": "v1",
-        "architecture": "amd64",
-        "fsLayers": [{"blobSum": sha256_digest(b"layer")}],
-        "history": [{"v1Compatibility": "{}"}],
-        "signatures": [],
-    })
-    .to_string();
-    let server = Adversary::start(move |r| match r.route() {
-        "/v2/" => Reply::json(json!({})),
-        "/v2/old/app/manifests/v1" => Reply::ok(manifest.clone()).header(
-            "content-type",
-            "application/vnd.docker.distribution.manifest.v1+prettyjws",
+async fn malformed_schema1_manifests_are_refused_before_any_blob() {
+    let layer = sha256_digest(b"layer");
+    let v1 = |id: char| json!({ "v1Compatibility": json!({ "id": id.to_string().repeat(64) }).to_string() });
+    let schema1 = |fs_layers: usize, history: Vec<Value>, signatures: Option<Value>| {
+        let mut m = json!({
+            "schemaVersion": 1,
+            "name": "old/app",
+            "architecture": "amd64",
+            "fsLayers": vec![json!({ "blobSum": layer }); fs_layers],
+            "history": history,
+        });
+        if let Some(s) = signatures {
+            m["signatures"] = s;
+        }
+        m.to_string()
+    };
+    // (tag, manifest, what the error says)
+    let cases = [
+        (
+            "no-id",
+            schema1(1, vec![json!({ "v1Compatibility": "{}" })], None),
+            "history[0].v1Compatibility is not valid: missing field `id`",
         ),
-        _ => Reply::error(404, "NOT_FOUND", "not here"),
+        (
+            "short",
+            schema1(2, vec![v1('a')], None),
+            "history has 1 entries, fsLayers 2",
+        ),
+        (
+            "orphan",
+            schema1(2, vec![v1('b'), v1('a')], None),
+            "history[0] has parent \"\", expected aaaa",
+        ),
+        (
+            "unsigned-signature",
+            schema1(1, vec![v1('a')], Some(json!([]))),
+            "signatures is empty",
+        ),
+    ];
+    let served: Vec<(String, String)> = cases
+        .iter()
+        .map(|(tag, m, _)| (format!("/v2/old/app/manifests/{tag}"), m.clone()))
+        .collect();
+    let server = Adversary::start(move |r| {
+        if r.route() == "/v2/" {
+            return Reply::json(json!({}));
+        }
+        match served.iter().find(|(path, _)| r.route() == path) {
+            Some((_, m)) => Reply::ok(m.clone()).header(
+                "content-type",
+                "application/vnd.docker.distribution.manifest.v1+prettyjws",
+            ),
+            None => Reply::error(404, "NOT_FOUND", "not here"),
+        }
     })
     .await;
-    let reference = format!("{}/old/app:v1", server.host());
+    let host = server.host().to_owned();
     let outs = tokio::task::spawn_blocking(move || {
         let imagefs = Imagefs::new();
-        ["pull", "inspect", "layers"].map(|command| imagefs.cmd(["-q", command, &reference]).run())
+        cases.map(|(tag, _, want)| {
+            let reference = format!("{host}/old/app:{tag}");
+            let outs = ["pull", "inspect", "layers"]
+                .map(|command| imagefs.cmd(["-q", command, &reference]).run());
+            (want, outs)
+        })
     })
     .await
     .unwrap();
-    for out in &outs {
-        assert_error_line(out, &["legacy schema 1", "re-push the image"]);
+    for (want, outs) in &outs {
+        for out in outs {
+            assert_error_line(out, &["schema 1 manifest", want, "re-push"]);
+        }
     }
     assert!(
         server

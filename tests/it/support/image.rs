@@ -583,6 +583,9 @@ pub struct ImageBuilder {
     config: Value,
     annotations: Vec<(String, String)>,
     layer_annotations: Vec<Vec<(String, String)>>,
+    /// History entries with `empty_layer: true` (`ENV`, `CMD`, …), each after the first
+    /// `.0` layers.
+    empty_steps: Vec<(usize, String)>,
 }
 
 impl ImageBuilder {
@@ -594,7 +597,16 @@ impl ImageBuilder {
             config: json!({}),
             annotations: Vec::new(),
             layer_annotations: Vec::new(),
+            empty_steps: Vec::new(),
         }
+    }
+
+    /// A build step that changed no file (`empty_layer: true` in the config's history),
+    /// after the layers added so far.
+    pub fn empty_step(mut self, created_by: &str) -> ImageBuilder {
+        self.empty_steps
+            .push((self.layers.len(), created_by.to_owned()));
+        self
     }
 
     /// `os/arch[/variant]`.
@@ -642,12 +654,17 @@ impl ImageBuilder {
 
     pub fn build(self) -> Image {
         let f = self.format;
-        let history: Vec<Value> = self
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(i, _)| json!({ "created": "2024-01-01T00:00:00Z", "created_by": format!("imagefs test layer {i}") }))
-            .collect();
+        let empty_after = |n: usize| {
+            self.empty_steps
+                .iter()
+                .filter(move |(after, _)| *after == n)
+                .map(|(_, step)| json!({ "created": "2024-01-01T00:00:00Z", "created_by": step, "empty_layer": true }))
+        };
+        let mut history: Vec<Value> = empty_after(0).collect();
+        for i in 0..self.layers.len() {
+            history.push(json!({ "created": "2024-01-01T00:00:00Z", "created_by": format!("imagefs test layer {i}") }));
+            history.extend(empty_after(i + 1));
+        }
         let mut config = json!({
             "architecture": self.platform.architecture,
             "os": self.platform.os,

@@ -1,11 +1,13 @@
 //! Test harness: registries, token issuer, image builder, imagefs runner.
 //!
 //! - [`registry`]: [`Registry::start`]`(`[`Auth`]`)` runs a real `docker-registry` on a free
-//!   loopback port (anonymous, htpasswd, or Bearer tokens), reads its access log.
+//!   loopback port (anonymous, htpasswd, or Bearer tokens), reads its access log;
+//!   [`Registry::start_schema1`] accepts Docker schema 1 manifests too.
 //! - [`token`]: the Docker-Hub-like [`TokenIssuer`] behind [`Auth::Token`].
 //! - [`image`]: tar [`Entry`]s → [`Layer`] → [`ImageBuilder`] / [`IndexBuilder`], exact bytes.
 //! - [`push`]: `registry.push_image(repo, tag, &image)`, `push_index`, `push_blob`,
-//!   `push_manifest`; `skopeo_copy_fixture`, `skopeo_inspect_raw`, `fixture_path`.
+//!   `push_manifest`; `skopeo_copy_fixture`, `skopeo_copy_to_schema1`, `skopeo_inspect_raw`,
+//!   `fixture_path`.
 //! - [`cmd`]: [`Imagefs`] runs the real binary with a temp cache; [`Output`] assertions.
 
 // Each test uses a different slice of the harness.
@@ -22,7 +24,10 @@ pub use image::{
     Compression, Document, Entry, Format, Image, ImageBuilder, Index, IndexBuilder, Layer,
     Platform, noise, sha256_digest,
 };
-pub use push::{block_on, fixture_path, fixtures_dir, skopeo_copy_fixture, skopeo_inspect_raw};
+pub use push::{
+    block_on, fixture_path, fixtures_dir, skopeo_copy_fixture, skopeo_copy_to_schema1,
+    skopeo_inspect_raw,
+};
 pub use registry::{AccessLine, Auth, Registry};
 pub use token::{TOKEN_PASS, TOKEN_USER, TokenIssuer, TokenRequest};
 pub mod adversary;

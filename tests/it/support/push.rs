@@ -273,6 +273,20 @@ pub fn skopeo_copy_fixture(fixture: &Path, registry: &Registry, repo_ref: &str) 
     run_skopeo(cmd);
 }
 
+/// Copies `from` (`REPO:TAG`) to `to` within `registry`, converting the manifest to Docker
+/// schema 1 (`--format v2s1`): skopeo 1.9 signs it with a throwaway key (distribution demands
+/// a signature) and adds a throwaway entry on top for the image config.
+pub fn skopeo_copy_to_schema1(registry: &Registry, from: &str, to: &str) {
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["--insecure-policy", "copy", "--format", "v2s1"])
+        .args(["--src-tls-verify=false", "--dest-tls-verify=false"])
+        .args(skopeo_creds(registry, "src-", repo_of(from)))
+        .args(skopeo_creds(registry, "dest-", repo_of(to)))
+        .arg(format!("docker://{}/{from}", registry.addr()))
+        .arg(format!("docker://{}/{to}", registry.addr()));
+    run_skopeo(cmd);
+}
+
 /// `skopeo inspect --raw`: the exact manifest bytes the registry serves for `repo_ref`.
 pub fn skopeo_inspect_raw(registry: &Registry, repo_ref: &str) -> Vec<u8> {
     let mut cmd = Command::new("skopeo");

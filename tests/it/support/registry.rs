@@ -103,6 +103,15 @@ impl Registry {
         Registry::start_with(auth, "")
     }
 
+    /// Like [`Registry::start`], with distribution's schema 1 compatibility on
+    /// (`compatibility: schema1: enabled: true`): without it distribution 2.8 refuses every
+    /// schema 1 manifest PUT ("manifest schema v1 unsupported", 500). It then accepts signed
+    /// schema 1 manifests only (an unsigned one is MANIFEST_INVALID) and serves them as
+    /// pushed, signatures included.
+    pub fn start_schema1(auth: Auth) -> Registry {
+        Registry::start_with(auth, "compatibility:\n  schema1:\n    enabled: true\n")
+    }
+
     /// An anonymous registry in proxy mode (distribution's pull-through cache) for `remote`:
     /// it serves `remote`'s repositories under the same names, fetching what it lacks.
     pub fn start_proxy_of(remote: &Registry) -> Registry {
