@@ -10,12 +10,15 @@
 //! 5. [`layer`] decompresses (gzip, zstd, none), indexes and extracts tar layers.
 //! 6. [`overlay`] merges layer indexes into one tree with OCI whiteout semantics (pure).
 //! 7. [`fs`] serves that tree over FUSE; it is the only module that knows errno and inodes.
-//! 8. [`cli`] wires it together for the `imagefs` binary.
+//! 8. [`image`] is the engine front ends share: resolve a reference, serve a mounted image
+//!    (lazy layers, the merged tree, prefetch) as the `fs` backend.
+//! 9. [`cli`] wires it together for the `imagefs` binary.
 //!
 //! Invariants are listed in `docs/architecture.md`.
 
 pub mod cli;
 pub mod fs;
+pub mod image;
 pub mod layer;
 pub mod oci;
 pub mod overlay;

@@ -1,26 +1,17 @@
-//! What every subcommand shares: the store, the registry client, and resolving a reference
-//! to a verified manifest + config (from the registry, or from the cache when that needs no
-//! network).
+//! What every subcommand shares: the store, the registry client and the resolver built from
+//! the global flags (cache directory, platform, credentials, mirrors, limits).
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
-use futures_util::StreamExt;
 
 use super::GlobalOpts;
-use crate::oci::manifest::{Descriptor, ImageConfig, ImageManifest, Manifest};
-use crate::oci::schema1::{FetchedLayer, Schema1Manifest};
-use crate::oci::{Digest, Platform, media};
+use crate::image::Resolver;
+use crate::oci::{Digest, Platform};
 use crate::reference::Reference;
 use crate::registry::{Client, ClientConfig, Credentials, Mirror, Secret};
-use crate::store::{BlobBody, BlobSource, Converted, SourceError, Store};
-
-/// Largest manifest or config we accept (real ones are a few KiB; this stops a hostile
-/// registry from making us buffer gigabytes).
-pub const MAX_DOCUMENT: u64 = 32 << 20;
+use crate::store::Store;
 
 pub struct Context {
     pub store: Store,
@@ -38,6 +29,18 @@ pub struct Context {
 }
 
 impl Context {
+    /// What resolving an image reference needs, from the flags.
+    pub fn resolver(&self) -> Resolver {
+        Resolver {
+            store: self.store.clone(),
+            client: self.client.clone(),
+            platform: self.platform.clone(),
+            platform_explicit: self.platform_explicit,
+            offline: self.offline,
+            limits: self.limits,
+        }
+    }
+
     pub fn new(g: &GlobalOpts) -> anyhow::Result<Context> {
         let cache = cache_dir(g)?;
         let store = Store::open(&cache)
@@ -108,22 +111,6 @@ fn limits(g: &GlobalOpts) -> anyhow::Result<crate::layer::decompress::Limits> {
         l.max_ratio = r;
     }
     Ok(l)
-}
-
-/// Evict least recently used images until the cache fits its bound, if it has one. Images
-/// that live mounts use, and `current`, are kept; a failure is logged, never fatal to the
-/// command.
-pub fn enforce_cache_bound(store: &Store, max: Option<u64>, current: &Digest) {
-    let Some(max) = max else { return };
-    match store.prune_to(max, std::slice::from_ref(current)) {
-        Ok(r) if !r.images.is_empty() => tracing::info!(
-            images = r.images.len(),
-            freed = %crate::store::format_size(r.bytes),
-            "cache over its bound: evicted the least recently used images"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::warn!("enforcing the cache bound: {e}"),
-    }
 }
 
 /// Where hosts.toml files live when `--hosts-dir` is not given.
@@ -358,373 +345,8 @@ fn read_handed_credentials() -> anyhow::Result<Option<Credentials>> {
     }))
 }
 
-/// A reference resolved to one image: verified manifest and config bytes, all stored.
-pub struct Resolved {
-    pub reference: Reference,
-    /// Digest of the image manifest (for a multi-platform reference: the chosen entry).
-    pub manifest_digest: Digest,
-    pub manifest_bytes: Vec<u8>,
-    pub media_type: String,
-    pub manifest: ImageManifest,
-    pub config_bytes: Vec<u8>,
-    pub config: ImageConfig,
-    /// How far its layers may expand (`--max-layer-size`, `--max-expansion`).
-    pub limits: crate::layer::decompress::Limits,
-}
-
-impl Resolved {
-    /// The image ID: the digest of the exact config bytes.
-    pub fn image_id(&self) -> &Digest {
-        &self.manifest.config.digest
-    }
-}
-
-/// Resolve `reference` for `ctx.platform`. Uses only the cache when the reference is pinned
-/// by digest and cached, or with `--offline`.
-pub async fn resolve(ctx: &Context, reference: &Reference) -> anyhow::Result<Resolved> {
-    let ref_key = ref_key(reference);
-    // The top-level document: by digest from the cache if we can, else from the registry.
-    let local_top = match reference.digest() {
-        Some(d) if ctx.store.has_blob(d) => Some(d.clone()),
-        Some(d) if ctx.offline => {
-            bail!("{reference} is not in the cache ({d}): pull it without --offline first")
-        }
-        Some(_) => None,
-        None if ctx.offline => Some(ctx.store.get_ref(&ref_key)?.with_context(|| {
-            format!("{reference} is not in the cache: pull it without --offline first")
-        })?),
-        None => None,
-    };
-    let from_registry = local_top.is_none();
-    let (top_digest, top_bytes, top_type) = match local_top {
-        Some(d) => {
-            let bytes = read_document(ctx, &d)?;
-            (d, bytes, None)
-        }
-        None => {
-            let resp = ctx
-                .client
-                .manifest(
-                    reference.registry(),
-                    reference.repository(),
-                    &reference.manifest_reference(),
-                )
-                .await?;
-            // Under its digest, the bytes the digest covers (a signed schema 1 manifest's
-            // signatures are kept in its conversion record).
-            ctx.store.put_blob_bytes(&resp.digest, &resp.canonical)?;
-            if reference.digest().is_none() {
-                ctx.store.set_ref(&ref_key, &resp.digest)?;
-            }
-            (resp.digest, resp.bytes.to_vec(), resp.content_type)
-        }
-    };
-
-    let parsed = crate::oci::manifest::parse_manifest(&top_bytes, top_type.as_deref())
-        .with_context(|| format!("manifest {top_digest} of {reference}"))?;
-    let from_index = matches!(parsed, Manifest::Index(_));
-    // A converted schema 1 manifest is shown as what was served, not as what it became.
-    let mut schema1_type = None;
-    let (manifest_digest, manifest_bytes, content_type, manifest) = match parsed {
-        Manifest::Image(m) => (top_digest, top_bytes, top_type, m),
-        Manifest::Schema1(s1) => {
-            let (served, s1, m) =
-                convert_schema1(ctx, reference, &top_digest, top_bytes, from_registry, s1)
-                    .await
-                    .with_context(|| format!("schema 1 manifest {top_digest} of {reference}"))?;
-            schema1_type = Some(s1.media_type().to_owned());
-            (top_digest, served, None, m)
-        }
-        Manifest::Index(index) => {
-            let entry: Descriptor = crate::oci::manifest::select_platform(&index, &ctx.platform)
-                .with_context(|| format!("{reference} is a multi-platform index"))?;
-            let (bytes, ct) = fetch_document(ctx, reference, &entry.digest, "manifest").await?;
-            let ct = ct.or_else(|| Some(entry.media_type.clone()).filter(|m| !m.is_empty()));
-            match crate::oci::manifest::parse_manifest(&bytes, ct.as_deref())
-                .with_context(|| format!("manifest {} of {reference}", entry.digest))?
-            {
-                Manifest::Image(m) => (entry.digest, bytes, ct, m),
-                Manifest::Index(_) => bail!(
-                    "manifest {} of {reference} is a nested index: not supported",
-                    entry.digest
-                ),
-                Manifest::Schema1(_) => bail!(
-                    "manifest {} of {reference} is a schema 1 manifest inside an index: not \
-                     supported (schema 1 images are single-platform; pull one by its own tag)",
-                    entry.digest
-                ),
-            }
-        }
-    };
-    manifest
-        .check_image()
-        .with_context(|| format!("manifest {manifest_digest} of {reference}"))?;
-    let media_type = schema1_type
-        .or(manifest.media_type.clone())
-        .or(content_type.filter(|c| media::manifest_kind(c).is_some()))
-        .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
-
-    let (config_bytes, _) =
-        fetch_document(ctx, reference, &manifest.config.digest, "config").await?;
-    let config = crate::oci::manifest::parse_config(&config_bytes)
-        .with_context(|| format!("config {} of {reference}", manifest.config.digest))?;
-    crate::oci::manifest::check_layers(&manifest, &config)
-        .with_context(|| format!("image {manifest_digest} of {reference}"))?;
-    // An index entry was chosen for the platform already; a single-platform image must be
-    // for the platform asked for.
-    let image_platform = config.platform();
-    if ctx.platform_explicit
-        && !from_index
-        && !image_platform.architecture.is_empty()
-        && !ctx.platform.matches(&image_platform)
-    {
-        bail!(
-            "{reference} is a single-platform image for {image_platform}, not {}: \
-             drop --platform or pick an image built for it",
-            ctx.platform
-        );
-    }
-
-    let layers = manifest
-        .layers
-        .iter()
-        .zip(&config.rootfs.diff_ids)
-        .map(|(l, diff_id)| crate::store::LayerRecord {
-            blob: l.digest.clone(),
-            diff_id: diff_id.clone(),
-            size: l.size,
-        })
-        .collect();
-    // Bookkeeping for `cache ls` and eviction: its failure must not fail the command.
-    if let Err(e) = ctx.store.record_image(
-        &reference.to_string(),
-        &manifest_digest,
-        &manifest.config.digest,
-        layers,
-    ) {
-        tracing::warn!("recording {reference} in the cache index: {e}");
-    }
-    Ok(Resolved {
-        reference: reference.clone(),
-        manifest_digest,
-        manifest_bytes,
-        media_type,
-        manifest,
-        config_bytes,
-        config,
-        limits: ctx.limits,
-    })
-}
-
-/// A schema 1 manifest as an image manifest, with the manifest bytes as served: from the
-/// store's record of an earlier conversion, else by fetching every layer now — a schema 1
-/// manifest has no diff_ids, so each layer is downloaded, verified against its blobSum,
-/// decompressed, hashed and extracted — and synthesising the config (`oci::schema1`).
-/// `bytes` are what the registry served when `from_registry`, else the cached canonical
-/// bytes (a signed manifest's signatures are then fetched again, by digest).
-async fn convert_schema1(
-    ctx: &Context,
-    reference: &Reference,
-    digest: &Digest,
-    bytes: Vec<u8>,
-    from_registry: bool,
-    s1: Schema1Manifest,
-) -> anyhow::Result<(Vec<u8>, Schema1Manifest, ImageManifest)> {
-    if let Some(c) = ctx.store.get_converted(digest)? {
-        let served = c.served.into_bytes();
-        let s1 = match crate::oci::manifest::parse_manifest(&served, None)? {
-            Manifest::Schema1(s1) => s1,
-            _ => bail!("the cache's record of it is not a schema 1 manifest"),
-        };
-        return Ok((served, s1, c.manifest));
-    }
-    if ctx.offline {
-        bail!(
-            "{reference} is a schema 1 image whose layers are not all in the cache: pull it \
-             without --offline first"
-        );
-    }
-    let (served, s1) = if from_registry {
-        (bytes, s1)
-    } else {
-        let resp = ctx
-            .client
-            .manifest(
-                reference.registry(),
-                reference.repository(),
-                &digest.to_string(),
-            )
-            .await?;
-        match crate::oci::manifest::parse_manifest(&resp.bytes, None)? {
-            Manifest::Schema1(s1) => (resp.bytes.to_vec(), s1),
-            _ => bail!("the registry now serves something else under {digest}"),
-        }
-    };
-
-    let blobs = s1.layer_blobs();
-    let mut unique: Vec<Digest> = Vec::new();
-    for b in &blobs {
-        if !unique.contains(b) {
-            unique.push((*b).clone());
-        }
-    }
-    tracing::info!(
-        %reference,
-        layers = unique.len(),
-        "schema 1 image: fetching every layer to compute its diff_id"
-    );
-    let source: Arc<dyn BlobSource> = RegistrySource::new(ctx, reference);
-    let fetches = unique.iter().map(|blob| {
-        let source = source.clone();
-        async move {
-            ctx.store
-                .ensure_layer_of_blob(source, blob, ctx.limits, 4, Arc::new(|_| {}))
-                .await
-                .map(|found| (blob.clone(), found))
-                .with_context(|| format!("layer {blob}"))
-        }
-    });
-    let mut found = std::collections::HashMap::new();
-    let mut results =
-        futures_util::stream::iter(fetches).buffer_unordered(super::pull::LAYER_CONCURRENCY);
-    while let Some(r) = results.next().await {
-        let (blob, f) = r?;
-        found.insert(blob, f);
-    }
-    let layers: Vec<FetchedLayer> = blobs
-        .iter()
-        .map(|b| {
-            let f: &crate::store::FoundLayer = &found[*b];
-            FetchedLayer {
-                blob: (*b).clone(),
-                size: f.size,
-                compression: f.compression,
-                diff_id: f.diff_id.clone(),
-            }
-        })
-        .collect();
-    let diff_ids: Vec<Digest> = layers.iter().map(|l| l.diff_id.clone()).collect();
-    let config = s1.image_config(&diff_ids)?;
-    let manifest = s1.image_manifest(&config, &layers);
-    ctx.store.put_blob_bytes(&manifest.config.digest, &config)?;
-    let converted = Converted {
-        served: String::from_utf8(served).context("the manifest is not UTF-8")?,
-        manifest,
-    };
-    ctx.store.set_converted(digest, &converted)?;
-    Ok((converted.served.into_bytes(), s1, converted.manifest))
-}
-
-/// A cached manifest or config; a digest naming something large (a layer blob) is refused
-/// before it is read into memory.
-fn read_document(ctx: &Context, digest: &Digest) -> anyhow::Result<Vec<u8>> {
-    let len = std::fs::metadata(ctx.store.blob_path(digest))
-        .map(|m| m.len())
-        .unwrap_or(0);
-    if len > MAX_DOCUMENT {
-        bail!("{digest} is a {len}-byte blob, not a manifest or config");
-    }
-    Ok(ctx.store.read_blob(digest)?)
-}
-
-/// A manifest or config by digest: from the cache, else from the registry (verified, then
-/// stored).
-async fn fetch_document(
-    ctx: &Context,
-    reference: &Reference,
-    digest: &Digest,
-    what: &str,
-) -> anyhow::Result<(Vec<u8>, Option<String>)> {
-    if ctx.store.has_blob(digest) {
-        return Ok((read_document(ctx, digest)?, None));
-    }
-    if ctx.offline {
-        bail!(
-            "{what} {digest} of {reference} is not in the cache: pull it without --offline first"
-        );
-    }
-    let (bytes, ct) = if what == "config" {
-        let b = ctx
-            .client
-            .blob_bytes(
-                reference.registry(),
-                reference.repository(),
-                digest,
-                MAX_DOCUMENT,
-            )
-            .await?;
-        (b.to_vec(), None)
-    } else {
-        let r = ctx
-            .client
-            .manifest(
-                reference.registry(),
-                reference.repository(),
-                &digest.to_string(),
-            )
-            .await?;
-        (r.bytes.to_vec(), r.content_type)
-    };
-    ctx.store.put_blob_bytes(digest, &bytes)?;
-    Ok((bytes, ct))
-}
-
-/// The key of a tag in the store's reference index.
-pub fn ref_key(r: &Reference) -> String {
-    format!(
-        "{}/{}:{}",
-        r.registry(),
-        r.repository(),
-        r.tag().unwrap_or("latest")
-    )
-}
-
 pub fn parse_reference(s: &str) -> anyhow::Result<Reference> {
     Ok(s.parse::<Reference>()?)
-}
-
-/// Layer blobs from the registry, for the store.
-pub struct RegistrySource {
-    pub client: Client,
-    pub registry: String,
-    pub repository: String,
-    pub offline: bool,
-}
-
-impl BlobSource for RegistrySource {
-    fn fetch<'a>(
-        &'a self,
-        digest: &'a Digest,
-        offset: u64,
-    ) -> Pin<Box<dyn Future<Output = Result<BlobBody, SourceError>> + Send + 'a>> {
-        Box::pin(async move {
-            if self.offline {
-                return Err(
-                    format!("blob {digest} is not in the cache and --offline is set").into(),
-                );
-            }
-            let b = self
-                .client
-                .blob(&self.registry, &self.repository, digest, offset, None)
-                .await?;
-            let stream = b.body.map(|r| r.map_err(|e| Box::new(e) as SourceError));
-            Ok(BlobBody {
-                start: b.start,
-                stream: Box::pin(stream),
-            })
-        })
-    }
-}
-
-impl RegistrySource {
-    pub fn new(ctx: &Context, r: &Reference) -> Arc<RegistrySource> {
-        Arc::new(RegistrySource {
-            client: ctx.client.clone(),
-            registry: r.registry().to_owned(),
-            repository: r.repository().to_owned(),
-            offline: ctx.offline,
-        })
-    }
 }
 
 /// `sha256:0123456789ab` — short digests for progress lines.

@@ -24,7 +24,7 @@ pub enum Format {
 
 pub async fn run(ctx: &Context, args: InspectArgs) -> anyhow::Result<ExitCode> {
     let reference = common::parse_reference(&args.reference)?;
-    let r = common::resolve(ctx, &reference).await?;
+    let r = ctx.resolver().resolve(&reference).await?;
     let platform = r.config.platform();
     let layers: Vec<_> = r
         .manifest

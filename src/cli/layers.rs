@@ -11,8 +11,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::common::{self, Context, RegistrySource};
-use super::mount::RegistryRanges;
+use super::common::{self, Context};
+use crate::image::RegistryRanges;
 use crate::layer::estargz::{FOOTER_SIZE, TOC_DIGEST_ANNOTATION, parse_footer};
 use crate::oci::{Compression, Descriptor, Digest};
 use crate::store::{LazyState, RangeSource};
@@ -24,8 +24,9 @@ pub struct LayersArgs {
 
 pub async fn run(ctx: &Context, args: LayersArgs) -> anyhow::Result<ExitCode> {
     let reference = common::parse_reference(&args.reference)?;
-    let r = common::resolve(ctx, &reference).await?;
-    let ranges = RegistryRanges::new(RegistrySource::new(ctx, &reference));
+    let resolver = ctx.resolver();
+    let r = resolver.resolve(&reference).await?;
+    let ranges = RegistryRanges::new(resolver.source(&reference));
     for (l, diff_id) in r.manifest.layers.iter().zip(&r.config.rootfs.diff_ids) {
         let toc = l
             .annotation(TOC_DIGEST_ANNOTATION)

@@ -1,40 +1,28 @@
-//! `imagefs mount REF MOUNTPOINT` and `imagefs umount MOUNTPOINT`.
+//! `imagefs mount REF MOUNTPOINT` and `imagefs umount MOUNTPOINT`: argument handling,
+//! daemonising and serving; the image itself is served by [`crate::image::MountedImage`].
 //!
-//! `mount` resolves the reference (manifest + config, verified), mounts, and returns once the
-//! mount is live; the filesystem is then served by a daemon: the same binary re-executed with
-//! `--foreground`, in its own session, logging to `<cache>/logs/`. The parent waits on a pipe
-//! for the word `ready` (or an error line) so that every failure before the mount is live
-//! reaches the user's terminal, and nothing is left mounted. Layers are fetched on the first
-//! access to anything but the meta files: whole, or — for eStargz layers, recognised by the
-//! `containerd.io/snapshot/stargz/toc.digest` annotation on their descriptor, else by the
-//! eStargz footer at the end of a gzip blob — only their footer and TOC, each file's chunks
-//! then being fetched with Range requests when read.
-//! With `--prefetch landmark` (the default), that first access also fetches each lazy layer's
-//! prioritised files (the landmark region) with one Range request, and then the rest of the
-//! layer in the background at low priority, as stargz-snapshotter does. The TOC of an
-//! annotated layer must match the annotation; an unannotated layer's TOC is used as served
-//! (chunks are verified against it, the TOC itself vouched for by nothing in the manifest),
-//! unless `--require-toc-digest` has such layers fetched whole. A registry that ignores Range (200 with the whole body) gets the layer fetched
-//! whole once, through the store, instead of a whole body per chunk.
+//! `mount` checks the mount point (empty, not mounted on, not inside an imagefs mount; a
+//! lock serialises racing mounts), resolves the reference (manifest + config, verified),
+//! mounts, and returns once the mount is live; the filesystem is then served by a daemon: the
+//! same binary re-executed with `--foreground`, in its own session, logging to
+//! `<cache>/logs/`. The parent waits on a pipe for the word `ready` (or an error line) so that
+//! every failure before the mount is live reaches the user's terminal, and nothing is left
+//! mounted. Layers are fetched on the first access to anything but the meta files (see
+//! `image::engine` for what is fetched when).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
 
 use super::GlobalOpts;
-use super::common::{self, Context, RegistrySource, Resolved};
-use super::progress::Reporter;
-use crate::fs::{Backend, BackendError, MetaFiles, MountOptions};
-use crate::layer::estargz::TOC_DIGEST_ANNOTATION;
-use crate::layer::index::DataRef;
-use crate::oci::Digest;
-use crate::overlay::Tree;
-use crate::store::{BlobSource, LazyLayer, RangeSource, SourceError, Store};
+use super::common::{self, Context};
+use crate::fs::{MetaFiles, MountOptions};
+use crate::image::{MountedImage, Prefetch, ServeOptions};
 
 /// Set in the daemon's environment: the parent waits for `ready` on the daemon's stdout.
 const READY_ENV: &str = "IMAGEFS_MOUNT_NOTIFY";
@@ -80,8 +68,8 @@ pub struct MountArgs {
     /// What to fetch of eStargz layers beyond the files read: `landmark`: at the first access,
     /// the files before `.prefetch.landmark` (one request per layer), then the rest in the
     /// background at low priority; `all`: everything in the background; `none`: nothing
-    #[arg(long, value_enum, default_value_t = Prefetch::Landmark)]
-    pub prefetch: Prefetch,
+    #[arg(long, value_enum, default_value_t = PrefetchArg::Landmark)]
+    pub prefetch: PrefetchArg,
     /// Serve eStargz layers lazily only when their descriptor carries the TOC digest
     /// annotation (as stargz-snapshotter does by default); others are fetched whole and
     /// verified against their blob digest and diff_id before anything is served
@@ -90,7 +78,7 @@ pub struct MountArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Prefetch {
+pub enum PrefetchArg {
     /// The landmark region at the first access, then the rest in the background
     Landmark,
     /// Every file in the background from the first access
@@ -304,7 +292,8 @@ fn serve(
         .build()?;
     let ctx = rt.block_on(async { Context::new(g) })?;
     let reference = common::parse_reference(&args.reference)?;
-    let resolved = rt.block_on(common::resolve(&ctx, &reference))?;
+    let resolver = ctx.resolver();
+    let resolved = rt.block_on(resolver.resolve(&reference))?;
     let meta = MetaFiles {
         config: resolved.config_bytes.clone(),
         manifest: resolved.manifest_bytes.clone(),
@@ -315,28 +304,26 @@ fn serve(
     let _registration = ctx
         .store
         .register_mount(&resolved.manifest_digest, &args.mountpoint)?;
-    let source = RegistrySource::new(&ctx, &reference);
-    let backend = Arc::new(ImageBackend {
-        cache_max: ctx.cache_max,
-        store: ctx.store.clone(),
-        ranges: Arc::new(RegistryRanges::new(source.clone())),
-        source,
-        lazy: std::sync::OnceLock::new(),
-        prefetch: args.prefetch,
-        require_toc_digest: args.require_toc_digest,
-        diff_ids: resolved.config.rootfs.diff_ids.clone(),
+    let image = Arc::new(MountedImage::new(
+        ctx.store.clone(),
+        resolver.source(&reference),
         resolved,
-        rt: rt.handle().clone(),
-        tree: Mutex::new(None),
-        building: Mutex::new(()),
-        whole: Mutex::new(std::collections::HashSet::new()),
-        whole_flight: Mutex::new(()),
-    });
+        rt.handle().clone(),
+        ServeOptions {
+            prefetch: match args.prefetch {
+                PrefetchArg::Landmark => Prefetch::Landmark,
+                PrefetchArg::All => Prefetch::All,
+                PrefetchArg::None => Prefetch::None,
+            },
+            require_toc_digest: args.require_toc_digest,
+            cache_max: ctx.cache_max,
+        },
+    ));
     // A cached image's tree needs no network: build it before mounting, so that the root's
     // attributes are the image's from the first `stat` (otherwise a placeholder, which the
     // kernel never caches, stands in until the first access builds the tree).
-    if backend.diff_ids.iter().all(|d| backend.store.has_layer(d))
-        && let Err(e) = backend.tree()
+    if image.is_local()
+        && let Err(e) = image.tree()
     {
         tracing::warn!("building the tree of a cached image: {e}");
     }
@@ -348,7 +335,7 @@ fn serve(
         nosuid: !(args.suid || args.rootfs),
         nodev: !(args.dev || args.rootfs),
     };
-    let mounted = crate::fs::mount(backend, meta, &args.mountpoint, &opts)?;
+    let mounted = crate::fs::mount(image, meta, &args.mountpoint, &opts)?;
     drop(lock);
     let unmounter = mounted.unmounter();
     rt.spawn(async move {
@@ -391,369 +378,6 @@ fn detach_stdio() {
                 libc::close(fd);
             }
         }
-    }
-}
-
-/// The store as the filesystem's backend: the first `tree()` fetches, verifies and extracts
-/// every plain layer (concurrently) and only the TOC of every eStargz layer, then merges their
-/// indexes; later calls return the same tree. Files of eStargz layers are fetched chunk by
-/// chunk as they are read.
-struct ImageBackend {
-    store: Store,
-    source: Arc<RegistrySource>,
-    ranges: Arc<RegistryRanges>,
-    resolved: Resolved,
-    diff_ids: Vec<Digest>,
-    rt: tokio::runtime::Handle,
-    /// Per layer, the lazily served eStargz layer (`None`: extracted whole). Set once by the
-    /// build that succeeded, before the tree is published.
-    lazy: std::sync::OnceLock<Vec<Option<Arc<LazyLayer>>>>,
-    /// Background fetching of lazy layers, started once the tree is built.
-    prefetch: Prefetch,
-    /// Unannotated eStargz layers are fetched whole (`--require-toc-digest`).
-    require_toc_digest: bool,
-    /// The cache bound, enforced once the tree is built.
-    cache_max: Option<u64>,
-    /// The merged tree once built. A std Mutex: held only to clone the Arc.
-    tree: Mutex<Option<Arc<Tree>>>,
-    /// Single flight for the build: the first caller builds, the others wait here and then
-    /// find the tree (or try again after a failure, e.g. once the network is back).
-    building: Mutex<()>,
-    /// Lazy layers extracted whole because the registry ignored Range: their files are
-    /// copied from the extracted layer. A std Mutex: held for set lookups only.
-    whole: Mutex<std::collections::HashSet<u32>>,
-    /// Single flight for those whole fetches; held across the fetch (a FUSE thread waits for
-    /// the layer anyway).
-    whole_flight: Mutex<()>,
-}
-
-impl ImageBackend {
-    fn build(&self) -> anyhow::Result<Tree> {
-        let reporter = Reporter::Quiet;
-        let started = std::time::Instant::now();
-        let jobs = super::pull::layer_jobs(&self.resolved)?;
-        let lazy = self.rt.block_on(self.lazy_layers())?;
-        let source: Arc<dyn BlobSource> = self.source.clone();
-        self.rt.block_on(async {
-            use futures_util::StreamExt as _;
-            let whole = jobs
-                .iter()
-                .zip(&lazy)
-                .filter(|(_, l)| l.is_none())
-                .map(|(job, _)| {
-                    let progress = reporter.layer(common::short(&job.digest), job.size);
-                    let source = source.clone();
-                    async move {
-                        self.store
-                            .ensure_layer(source, job, progress)
-                            .await
-                            .with_context(|| format!("layer {}", job.digest))
-                    }
-                });
-            let mut results =
-                futures_util::stream::iter(whole).buffer_unordered(super::pull::LAYER_CONCURRENCY);
-            let landmarks = self.fetch_landmarks(&lazy);
-            let wholes = async {
-                while let Some(r) = results.next().await {
-                    r?;
-                }
-                anyhow::Ok(())
-            };
-            let ((), r) = futures_util::future::join(landmarks, wholes).await;
-            r
-        })?;
-        let fetched = started.elapsed();
-        let mut indexes = Vec::with_capacity(self.diff_ids.len());
-        for (d, l) in self.diff_ids.iter().zip(&lazy) {
-            indexes.push(match l {
-                Some(l) => l.index().clone(),
-                None => self.store.load_layer_index(d)?,
-            });
-        }
-        let tree = crate::overlay::merge(&indexes)
-            .with_context(|| format!("merging the layers of {}", self.resolved.reference))?;
-        tracing::info!(
-            layers = indexes.len(),
-            lazy = lazy.iter().flatten().count(),
-            inodes = tree.inodes.len(),
-            fetch_ms = fetched.as_millis() as u64,
-            total_ms = started.elapsed().as_millis() as u64,
-            "image tree ready"
-        );
-        let _ = self.lazy.set(lazy);
-        // Sizing the cache walks every layer directory: not on the first reader's path.
-        if self.cache_max.is_some() {
-            let (store, max) = (self.store.clone(), self.cache_max);
-            let image = self.resolved.manifest_digest.clone();
-            self.rt
-                .spawn_blocking(move || common::enforce_cache_bound(&store, max, &image));
-        }
-        self.start_prefetch();
-        Ok(tree)
-    }
-
-    /// With `--prefetch landmark`, each lazy layer's landmark region, one request per layer.
-    /// A failure only costs the prioritised files their head start: they are fetched when
-    /// read.
-    async fn fetch_landmarks(&self, lazy: &[Option<Arc<LazyLayer>>]) {
-        if self.prefetch != Prefetch::Landmark || self.source.offline {
-            return;
-        }
-        let fetches = lazy.iter().flatten().map(|l| async move {
-            if let Err(e) = l.fetch_landmark(&*self.ranges).await {
-                tracing::warn!(digest = %l.digest(), "prefetching the landmark region: {e}");
-            }
-        });
-        futures_util::future::join_all(fetches).await;
-    }
-
-    /// One background task per lazy layer, yielding to readers (see [`LazyLayer::fill`]); they
-    /// end with the runtime at unmount.
-    fn start_prefetch(&self) {
-        // Offline, there is nothing to fetch from.
-        if self.prefetch == Prefetch::None || self.source.offline {
-            return;
-        }
-        for l in self.lazy.get().into_iter().flatten().flatten() {
-            let (l, ranges) = (l.clone(), self.ranges.clone());
-            self.rt.spawn(async move {
-                let started = std::time::Instant::now();
-                match l.fill(&*ranges).await {
-                    Ok(()) => tracing::info!(
-                        digest = %l.digest(),
-                        ms = started.elapsed().as_millis() as u64,
-                        "prefetch done"
-                    ),
-                    Err(e) => tracing::warn!(digest = %l.digest(), "prefetch stopped: {e}"),
-                }
-            });
-        }
-    }
-
-    /// Per layer, its lazy eStargz form when it is eStargz (a TOC digest annotation, else — for
-    /// gzip layers, unless `--require-toc-digest` — an eStargz footer), is not extracted
-    /// already, and its footer and TOC are usable (else it is fetched whole).
-    async fn lazy_layers(&self) -> anyhow::Result<Vec<Option<Arc<LazyLayer>>>> {
-        let layers = &self.resolved.manifest.layers;
-        let attempts = layers.iter().zip(&self.diff_ids).map(|(desc, diff_id)| async move {
-            if self.store.has_layer(diff_id) {
-                return Ok(None);
-            }
-            let toc = match desc.annotation(TOC_DIGEST_ANNOTATION).map(str::parse::<Digest>) {
-                Some(Ok(d)) => Some(d),
-                Some(Err(e)) => {
-                    tracing::warn!(digest = %desc.digest, "bad {TOC_DIGEST_ANNOTATION} annotation, fetching the layer whole: {e}");
-                    return Ok(None);
-                }
-                None if self.require_toc_digest => return Ok(None),
-                None if desc.compression().ok() != Some(crate::oci::Compression::Gzip) => {
-                    return Ok(None);
-                }
-                None => None,
-            };
-            let l = match self
-                .store
-                .lazy_layer(&*self.ranges, &desc.digest, desc.size, toc.as_ref())
-                .await
-            {
-                Err(_) if self.ranges.ignored(&desc.digest) => {
-                    if toc.is_some() {
-                        tracing::warn!(digest = %desc.digest, "the registry ignores Range: fetching the layer whole");
-                    }
-                    return Ok(None);
-                }
-                // Only the footer tells an unannotated layer is eStargz: when it cannot be
-                // read (offline, say), the layer is what its media type says, fetched whole
-                // (or found in the cache) like any gzip layer.
-                Err(e) if toc.is_none() => {
-                    tracing::debug!(digest = %desc.digest, "no eStargz footer read: {e:#}");
-                    return Ok(None);
-                }
-                l => l.with_context(|| format!("layer {}", desc.digest))?,
-            };
-            if let (Some(_), None) = (&l, &toc) {
-                tracing::info!(digest = %desc.digest, "eStargz layer without a {TOC_DIGEST_ANNOTATION} annotation: served lazily with its TOC as the registry sent it (--require-toc-digest fetches such layers whole)");
-            }
-            anyhow::Ok(l.map(Arc::new))
-        });
-        futures_util::future::try_join_all(attempts).await
-    }
-
-    fn lazy_layer(&self, layer: u32) -> Option<&Arc<LazyLayer>> {
-        self.lazy.get()?.get(layer as usize)?.as_ref()
-    }
-
-    /// Serve a file of lazy layer `layer` from the layer fetched whole (once, through the
-    /// store: blob digest and diff_id verified), for a registry that ignores Range.
-    fn ensure_from_whole(&self, layer: u32, l: &LazyLayer, data: DataRef) -> anyhow::Result<()> {
-        let diff_id = &self.diff_ids[layer as usize];
-        if !self.whole.lock().expect("whole lock").contains(&layer) {
-            let _flight = self.whole_flight.lock().expect("whole flight lock");
-            if !self.whole.lock().expect("whole lock").contains(&layer) {
-                let jobs = super::pull::layer_jobs(&self.resolved)?;
-                let job = &jobs[layer as usize];
-                let progress = Reporter::Quiet.layer(common::short(&job.digest), job.size);
-                let source: Arc<dyn BlobSource> = self.source.clone();
-                self.rt
-                    .block_on(self.store.ensure_layer(source, job, progress))
-                    .with_context(|| format!("layer {}", job.digest))?;
-                self.whole.lock().expect("whole lock").insert(layer);
-            }
-        }
-        let path = self.store.data_path(diff_id, data);
-        let content =
-            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        l.fill_from(data, &content)?;
-        Ok(())
-    }
-}
-
-impl Backend for ImageBackend {
-    fn tree(&self) -> Result<Arc<Tree>, BackendError> {
-        if let Some(t) = self.tree.lock().expect("tree lock").clone() {
-            return Ok(t);
-        }
-        let _building = self.building.lock().expect("build lock");
-        if let Some(t) = self.tree.lock().expect("tree lock").clone() {
-            return Ok(t);
-        }
-        let tree = Arc::new(
-            self.build()
-                .map_err(|e| BackendError::new(super::error_line(&e)))?,
-        );
-        *self.tree.lock().expect("tree lock") = Some(tree.clone());
-        Ok(tree)
-    }
-
-    fn built_tree(&self) -> Option<Arc<Tree>> {
-        self.tree.lock().expect("tree lock").clone()
-    }
-
-    fn open(&self, layer: u32, data: DataRef) -> Result<std::fs::File, BackendError> {
-        if let Some(l) = self.lazy_layer(layer) {
-            return l
-                .data_file(data)
-                .map_err(|e| BackendError::new(e.to_string()));
-        }
-        let diff_id = self
-            .diff_ids
-            .get(layer as usize)
-            .ok_or_else(|| BackendError::new(format!("no layer {layer} in this image")))?;
-        let path = self.store.data_path(diff_id, data);
-        std::fs::File::open(&path)
-            .map_err(|e| BackendError::new(format!("opening {}: {e}", path.display())))
-    }
-
-    fn is_complete(&self, layer: u32, data: DataRef) -> bool {
-        self.lazy_layer(layer).is_none_or(|l| l.is_complete(data))
-    }
-
-    fn ensure(&self, layer: u32, data: DataRef, offset: u64, len: u64) -> Result<(), BackendError> {
-        let Some(l) = self.lazy_layer(layer) else {
-            return Ok(());
-        };
-        if !self.ranges.ignored(l.digest()) {
-            match self.rt.block_on(l.ensure(
-                &*self.ranges,
-                data,
-                offset..offset.saturating_add(len),
-            )) {
-                Ok(()) => return Ok(()),
-                Err(_) if self.ranges.ignored(l.digest()) => {}
-                Err(e) => {
-                    return Err(BackendError::new(format!(
-                        "{e} (file bytes {offset}+{len})"
-                    )));
-                }
-            }
-        }
-        self.ensure_from_whole(layer, l, data)
-            .map_err(|e| BackendError::new(super::error_line(&e)))
-    }
-}
-
-/// Blob ranges from the registry, for eStargz layers. A registry that answers a Range request
-/// with the whole body (200) has the blob remembered and every later range of it refused
-/// without a request: the caller fetches such a layer whole instead of once per chunk.
-pub(super) struct RegistryRanges {
-    source: Arc<RegistrySource>,
-    /// Blobs whose registry ignored Range. A std Mutex: held for set operations only.
-    ignored: Mutex<std::collections::HashSet<Digest>>,
-}
-
-impl RegistryRanges {
-    pub(super) fn new(source: Arc<RegistrySource>) -> RegistryRanges {
-        RegistryRanges {
-            source,
-            ignored: Mutex::new(std::collections::HashSet::new()),
-        }
-    }
-
-    /// Whether the registry answered a Range request for `digest` with the whole blob.
-    fn ignored(&self, digest: &Digest) -> bool {
-        self.ignored.lock().expect("ignored lock").contains(digest)
-    }
-}
-
-impl RangeSource for RegistryRanges {
-    fn fetch_range<'a>(
-        &'a self,
-        digest: &'a Digest,
-        range: std::ops::Range<u64>,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Vec<u8>, SourceError>> + Send + 'a>,
-    > {
-        Box::pin(async move {
-            use futures_util::StreamExt as _;
-            let s = &self.source;
-            let ignored =
-                || format!("the registry ignores Range requests for blob {digest}: fetch it whole");
-            if self.ignored(digest) {
-                return Err(ignored().into());
-            }
-            if s.offline {
-                return Err(format!(
-                    "bytes {}..{} of blob {digest} are not in the cache and --offline is set",
-                    range.start, range.end
-                )
-                .into());
-            }
-            if range.is_empty() {
-                return Ok(Vec::new());
-            }
-            let b = s
-                .client
-                .blob(
-                    &s.registry,
-                    &s.repository,
-                    digest,
-                    range.start,
-                    Some(range.end - 1),
-                )
-                .await?;
-            // A registry that ignores Range sends the blob from 0: dropping the body closes
-            // the connection rather than downloading it all once per chunk. (A range from 0,
-            // like the landmark region, is served right either way: its bytes come first.)
-            if b.start != range.start {
-                self.ignored
-                    .lock()
-                    .expect("ignored lock")
-                    .insert(digest.clone());
-                return Err(ignored().into());
-            }
-            let len = (range.end - range.start) as usize;
-            let mut out = Vec::with_capacity(len);
-            let mut body = b.body;
-            while out.len() < len {
-                let Some(bytes) = body.next().await else {
-                    break;
-                };
-                let bytes = bytes?;
-                let take = bytes.len().min(len - out.len());
-                out.extend_from_slice(&bytes[..take]);
-            }
-            Ok(out)
-        })
     }
 }
 

@@ -2,14 +2,13 @@
 //! bounded), so that a later mount needs no network.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use anyhow::Context as _;
 use clap::Args;
 
-use super::common::{self, Context, RegistrySource, Resolved};
+use super::common::{self, Context};
 use super::progress::Reporter;
-use crate::store::{BlobSource, LayerJob, Store};
+use crate::image;
+use crate::store::LayerJob;
 
 #[derive(Debug, Args)]
 pub struct PullArgs {
@@ -17,70 +16,23 @@ pub struct PullArgs {
     pub reference: String,
 }
 
-/// How many layers download at once.
-pub const LAYER_CONCURRENCY: usize = 4;
-
 pub async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<ExitCode> {
     let reference = common::parse_reference(&args.reference)?;
     let reporter = Reporter::new(ctx.quiet, ctx.tty);
     reporter.line(&format!("Pulling {reference}"));
-    let resolved = common::resolve(ctx, &reference).await?;
-    let source = RegistrySource::new(ctx, &reference);
-    fetch_layers(&ctx.store, source, &resolved, &reporter).await?;
-    common::enforce_cache_bound(&ctx.store, ctx.cache_max, &resolved.manifest_digest);
+    let resolver = ctx.resolver();
+    let resolved = resolver.resolve(&reference).await?;
+    let progress = |job: &LayerJob| reporter.layer(common::short(&job.digest), job.size);
+    image::fetch_layers(
+        &ctx.store,
+        resolver.source(&reference),
+        &resolved,
+        &progress,
+    )
+    .await?;
+    image::engine::enforce_cache_bound(&ctx.store, ctx.cache_max, &resolved.manifest_digest);
     // Results, not progress: printed with -q too (scripts read them).
     println!("Digest: {}", resolved.manifest_digest);
     println!("Image ID: {}", resolved.image_id());
     Ok(ExitCode::SUCCESS)
-}
-
-/// The jobs for every layer of `resolved`, base first.
-pub fn layer_jobs(resolved: &Resolved) -> anyhow::Result<Vec<LayerJob>> {
-    resolved
-        .manifest
-        .layers
-        .iter()
-        .zip(&resolved.config.rootfs.diff_ids)
-        .map(|(desc, diff_id)| {
-            Ok(LayerJob {
-                digest: desc.digest.clone(),
-                size: desc.size,
-                diff_id: diff_id.clone(),
-                compression: desc
-                    .compression()
-                    .with_context(|| format!("layer {}", desc.digest))?,
-                limits: resolved.limits,
-                attempts: 4,
-            })
-        })
-        .collect()
-}
-
-/// Fetch, verify and extract all layers concurrently (bounded); the first failure wins.
-pub async fn fetch_layers(
-    store: &Store,
-    source: Arc<dyn BlobSource>,
-    resolved: &Resolved,
-    reporter: &Reporter,
-) -> anyhow::Result<()> {
-    let jobs = layer_jobs(resolved)?;
-    let sem = Arc::new(tokio::sync::Semaphore::new(LAYER_CONCURRENCY));
-    let mut tasks = tokio::task::JoinSet::new();
-    for job in jobs {
-        let store = store.clone();
-        let source = source.clone();
-        let sem = sem.clone();
-        let progress = reporter.layer(common::short(&job.digest), job.size);
-        tasks.spawn(async move {
-            let _permit = sem.acquire_owned().await.expect("semaphore never closes");
-            store
-                .ensure_layer(source, &job, progress)
-                .await
-                .with_context(|| format!("layer {}", job.digest))
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r.expect("layer task panicked")?;
-    }
-    Ok(())
 }

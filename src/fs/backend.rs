@@ -11,13 +11,12 @@ pub trait Backend: Send + Sync + 'static {
     /// The merged tree. The first call triggers fetching all layers; blocks until ready. A
     /// failure is logged and becomes EIO for the request that asked; the next request asks
     /// again (the backend decides whether to retry or repeat the error).
-    fn tree(&self) -> Result<Arc<Tree>, BackendError>;
+    fn tree(&self) -> Result<&Tree, BackendError>;
 
     /// The merged tree if it is built already, without building it (never blocks on a
-    /// fetch): lets `stat` of the root show the image's attributes when they are known.
-    fn built_tree(&self) -> Option<Arc<Tree>> {
-        None
-    }
+    /// fetch): lets `stat` of the root and `statfs` answer without starting the fetch. The
+    /// backend is the one place the tree is kept; the filesystem asks it every time.
+    fn built_tree(&self) -> Option<&Tree>;
 
     /// Open the local file holding the content of a regular file (layer index, `DataRef`),
     /// read-only; blocks until it is local — or, for a file that is not

@@ -55,11 +55,6 @@ const PLACEHOLDER_TTL: Duration = Duration::ZERO;
 pub(crate) struct ImageFs {
     backend: Arc<dyn Backend>,
     meta: MetaTable,
-    /// The tree, once the backend produced it. `OnceLock` rather than a lock: after the first
-    /// success every handler reads it without contention, and `getattr` of the root and `statfs`
-    /// can ask "is it there yet?" without blocking. Failures are not cached: the next request
-    /// asks the backend again.
-    tree: OnceLock<Arc<Tree>>,
     /// statfs totals, computed once from the tree.
     totals: OnceLock<Totals>,
     /// Passthrough asked for by the caller.
@@ -114,7 +109,6 @@ impl ImageFs {
         ImageFs {
             backend,
             meta,
-            tree: OnceLock::new(),
             totals: OnceLock::new(),
             want_passthrough: passthrough,
             passthrough: false,
@@ -125,13 +119,10 @@ impl ImageFs {
         }
     }
 
-    /// The tree, asking the backend (and blocking until it is ready) the first time.
+    /// The tree, from the backend (which keeps it; the first call blocks until it is built).
+    /// Failures are not kept: the next request asks again.
     fn tree(&self) -> Result<&Tree, OpError> {
-        if let Some(tree) = self.tree.get() {
-            return Ok(tree);
-        }
-        let tree = self.backend.tree().map_err(OpError::Tree)?;
-        Ok(self.tree.get_or_init(|| tree))
+        self.backend.tree().map_err(OpError::Tree)
     }
 
     /// The tree inode behind `ino`.
@@ -165,13 +156,8 @@ impl ImageFs {
         // `stat` of the mountpoint must not start fetching every layer: until something else
         // needed the tree (or the backend had it without fetching), the root is a plain 0755
         // directory, not cached.
-        if ino == INodeNo::ROOT && self.tree.get().is_none() {
-            match self.backend.built_tree() {
-                Some(tree) => {
-                    self.tree.get_or_init(|| tree);
-                }
-                None => return Ok((placeholder_root_attr(), PLACEHOLDER_TTL)),
-            }
+        if ino == INodeNo::ROOT && self.backend.built_tree().is_none() {
+            return Ok((placeholder_root_attr(), PLACEHOLDER_TTL));
         }
         let (_, id, inode) = self.inode(ino)?;
         Ok((inode_attr(id, inode), TTL))
@@ -231,7 +217,7 @@ impl ImageFs {
     }
 
     fn totals(&self) -> Option<Totals> {
-        let tree = self.tree.get()?;
+        let tree = self.backend.built_tree()?;
         Some(*self.totals.get_or_init(|| {
             let blocks = tree
                 .inodes
@@ -956,11 +942,16 @@ mod tests {
         }
     }
 
-    struct Fixed(Arc<Tree>);
+    /// A backend whose tree is "built" by the first `tree()`.
+    struct Fixed(Tree, OnceLock<()>);
 
     impl Backend for Fixed {
-        fn tree(&self) -> Result<Arc<Tree>, crate::fs::BackendError> {
-            Ok(self.0.clone())
+        fn tree(&self) -> Result<&Tree, crate::fs::BackendError> {
+            self.1.get_or_init(|| ());
+            Ok(&self.0)
+        }
+        fn built_tree(&self) -> Option<&Tree> {
+            self.1.get().map(|()| &self.0)
         }
         fn open(&self, _: u32, _: DataRef) -> Result<File, crate::fs::BackendError> {
             Err(crate::fs::BackendError::new("no data in this test"))
@@ -1008,7 +999,7 @@ mod tests {
             digest: "sha256:d".into(),
             id: "sha256:i".into(),
         });
-        ImageFs::new(Arc::new(Fixed(Arc::new(tree))), meta, false)
+        ImageFs::new(Arc::new(Fixed(tree, OnceLock::new())), meta, false)
     }
 
     fn listing(fs: &ImageFs, ino: u64, offset: u64, room: usize) -> Vec<(u64, String)> {
@@ -1059,7 +1050,7 @@ mod tests {
         let (attr, ttl) = fs.getattr_ttl(INodeNo::ROOT).unwrap();
         assert_eq!((attr.perm, ttl), (0o755, PLACEHOLDER_TTL));
         assert!(
-            fs.tree.get().is_none(),
+            fs.backend.built_tree().is_none(),
             "getattr of the root fetched the tree"
         );
         assert!(fs.totals().is_none());
@@ -1067,7 +1058,7 @@ mod tests {
         let digest = fs.lookup_attr(INodeNo::ROOT, b".digest").unwrap();
         assert_eq!((digest.ino, digest.size), (MetaTable::ino(2), 9));
         assert!(
-            fs.tree.get().is_none(),
+            fs.backend.built_tree().is_none(),
             "looking up a meta file fetched the tree"
         );
 

@@ -62,6 +62,8 @@ impl Gate {
 struct TestBackend {
     /// `None`: every `tree()` fails.
     tree: Option<Arc<Tree>>,
+    /// The tree once "built" (the first successful `tree()`), as a real backend keeps it.
+    built: std::sync::OnceLock<Arc<Tree>>,
     data: PathBuf,
     gate: Option<Arc<Gate>>,
     tree_calls: AtomicUsize,
@@ -74,14 +76,23 @@ impl TestBackend {
 }
 
 impl Backend for TestBackend {
-    fn tree(&self) -> Result<Arc<Tree>, BackendError> {
+    /// Counts the builds: calls that find no tree built yet.
+    fn tree(&self) -> Result<&Tree, BackendError> {
+        if let Some(t) = self.built.get() {
+            return Ok(t);
+        }
         self.tree_calls.fetch_add(1, Ordering::SeqCst);
         if let Some(gate) = &self.gate {
             gate.wait();
         }
-        self.tree
-            .clone()
-            .ok_or_else(|| BackendError::new("layer sha256:dead: fetch failed (test)"))
+        match &self.tree {
+            Some(t) => Ok(self.built.get_or_init(|| t.clone())),
+            None => Err(BackendError::new("layer sha256:dead: fetch failed (test)")),
+        }
+    }
+
+    fn built_tree(&self) -> Option<&Tree> {
+        self.built.get().map(|t| &**t)
     }
 
     fn open(&self, layer: u32, data: DataRef) -> Result<File, BackendError> {
@@ -329,6 +340,7 @@ fn mount(setup: Setup) -> Mounted {
         tree: (!setup.fail_tree).then(|| Arc::new(tree)),
         data: data.path().to_path_buf(),
         gate: setup.gate,
+        built: std::sync::OnceLock::new(),
         tree_calls: AtomicUsize::new(0),
     });
     let dir = tempfile::tempdir().unwrap();
@@ -982,6 +994,7 @@ fn unmounter_ends_run_and_detaches_a_busy_mount() {
         tree: Some(Arc::new(sample_tree(data.path()))),
         data: data.path().to_path_buf(),
         gate: None,
+        built: std::sync::OnceLock::new(),
         tree_calls: AtomicUsize::new(0),
     });
     struct Cleanup<'a>(&'a Path);

@@ -1,0 +1,465 @@
+//! A mounted image: the [`fs::Backend`](crate::fs::Backend) a FUSE front end serves.
+//!
+//! The first [`MountedImage::tree`] fetches, verifies and extracts every plain layer
+//! (concurrently) and only the footer and TOC of every eStargz layer — recognised by the
+//! `containerd.io/snapshot/stargz/toc.digest` annotation on its descriptor, else by the
+//! eStargz footer at the end of a gzip blob — then merges their indexes; later calls return
+//! the same tree, kept here and nowhere else. Files of eStargz layers are fetched chunk by
+//! chunk as they are read. With [`Prefetch::Landmark`] (the default), that first access also
+//! fetches each lazy layer's prioritised files (the landmark region) with one Range request,
+//! and then the rest of the layer in the background at low priority, as stargz-snapshotter
+//! does. The TOC of an annotated layer must match the annotation; an unannotated layer's TOC
+//! is used as served (chunks are verified against it, the TOC itself vouched for by nothing in
+//! the manifest), unless `require_toc_digest` has such layers fetched whole. A registry that
+//! ignores Range ([`SourceFailure::RangeIgnored`](super::SourceFailure)) gets the layer
+//! fetched whole once, through the store, instead of a whole body per chunk.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use futures_util::StreamExt as _;
+
+use super::Error;
+use super::resolve::{LAYER_CONCURRENCY, Resolved};
+use super::source::{RegistryRanges, RegistrySource, is_range_ignored};
+use crate::fs::{Backend, BackendError};
+use crate::layer::estargz::TOC_DIGEST_ANNOTATION;
+use crate::layer::index::DataRef;
+use crate::oci::Digest;
+use crate::overlay::Tree;
+use crate::store::{BlobSource, LayerEvent, LayerJob, LazyLayer, Store};
+
+/// Progress callback for one layer (the store's).
+pub type LayerProgress = Arc<dyn Fn(LayerEvent) + Send + Sync>;
+
+/// What to fetch of eStargz layers beyond the files read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefetch {
+    /// At the first access, the files before `.prefetch.landmark` (one request per layer),
+    /// then the rest in the background at low priority.
+    Landmark,
+    /// Everything in the background from the first access.
+    All,
+    /// Only the files read.
+    None,
+}
+
+/// How a mounted image is served.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub prefetch: Prefetch,
+    /// Serve eStargz layers lazily only when their descriptor carries the TOC digest
+    /// annotation; others are fetched whole and verified first.
+    pub require_toc_digest: bool,
+    /// The cache bound, enforced (off the first reader's path) once the tree is built.
+    pub cache_max: Option<u64>,
+}
+
+/// The jobs for every layer of `resolved`, base first.
+pub fn layer_jobs(resolved: &Resolved) -> Result<Vec<LayerJob>, Error> {
+    resolved
+        .manifest
+        .layers
+        .iter()
+        .zip(&resolved.config.rootfs.diff_ids)
+        .map(|(desc, diff_id)| {
+            Ok(LayerJob {
+                digest: desc.digest.clone(),
+                size: desc.size,
+                diff_id: diff_id.clone(),
+                compression: desc.compression().map_err(|source| Error::LayerMedia {
+                    digest: desc.digest.clone(),
+                    source,
+                })?,
+                limits: resolved.limits,
+                attempts: 4,
+            })
+        })
+        .collect()
+}
+
+/// Fetch, verify and extract all layers concurrently (bounded); the first failure wins.
+/// `progress` gives each layer its callback.
+pub async fn fetch_layers(
+    store: &Store,
+    source: Arc<dyn BlobSource>,
+    resolved: &Resolved,
+    progress: &(dyn Fn(&LayerJob) -> LayerProgress + Sync),
+) -> Result<(), Error> {
+    let jobs = layer_jobs(resolved)?;
+    let sem = Arc::new(tokio::sync::Semaphore::new(LAYER_CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    for job in jobs {
+        let store = store.clone();
+        let source = source.clone();
+        let sem = sem.clone();
+        let progress = progress(&job);
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("semaphore never closes");
+            store
+                .ensure_layer(source, &job, progress)
+                .await
+                .map_err(|source| Error::Layer {
+                    digest: job.digest.clone(),
+                    source,
+                })
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("layer task panicked")?;
+    }
+    Ok(())
+}
+
+/// Evict least recently used images until the cache fits its bound, if it has one. Images
+/// that live mounts use, and `current`, are kept; a failure is logged, never fatal.
+pub fn enforce_cache_bound(store: &Store, max: Option<u64>, current: &Digest) {
+    let Some(max) = max else { return };
+    match store.prune_to(max, std::slice::from_ref(current)) {
+        Ok(r) if !r.images.is_empty() => tracing::info!(
+            images = r.images.len(),
+            freed = %crate::store::format_size(r.bytes),
+            "cache over its bound: evicted the least recently used images"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("enforcing the cache bound: {e}"),
+    }
+}
+
+/// A resolved image served from the store, fetching what is missing on demand.
+pub struct MountedImage {
+    store: Store,
+    source: Arc<RegistrySource>,
+    ranges: Arc<RegistryRanges>,
+    resolved: Resolved,
+    rt: tokio::runtime::Handle,
+    options: ServeOptions,
+    /// Per layer, the lazily served eStargz layer (`None`: extracted whole). Set once by the
+    /// build that succeeded, before the tree is published.
+    lazy: OnceLock<Vec<Option<Arc<LazyLayer>>>>,
+    /// The merged tree once built — the one copy every reader uses. `OnceLock`: after the
+    /// first success every FUSE handler reads it without contention. Failures are not kept:
+    /// the next request builds again (e.g. once the network is back).
+    tree: OnceLock<Tree>,
+    /// Single flight for the build: the first caller builds, the others wait here and then
+    /// find the tree.
+    building: Mutex<()>,
+    /// Lazy layers extracted whole because the registry ignored Range: their files are
+    /// copied from the extracted layer. A std Mutex: held for set lookups only.
+    whole: Mutex<HashSet<u32>>,
+    /// Single flight for those whole fetches; held across the fetch (a FUSE thread waits for
+    /// the layer anyway).
+    whole_flight: Mutex<()>,
+}
+
+impl MountedImage {
+    /// Serve `resolved`, fetching through `source`; async work runs on `rt`.
+    pub fn new(
+        store: Store,
+        source: Arc<RegistrySource>,
+        resolved: Resolved,
+        rt: tokio::runtime::Handle,
+        options: ServeOptions,
+    ) -> MountedImage {
+        MountedImage {
+            store,
+            ranges: Arc::new(RegistryRanges::new(source.clone())),
+            source,
+            resolved,
+            rt,
+            options,
+            lazy: OnceLock::new(),
+            tree: OnceLock::new(),
+            building: Mutex::new(()),
+            whole: Mutex::new(HashSet::new()),
+            whole_flight: Mutex::new(()),
+        }
+    }
+
+    pub fn resolved(&self) -> &Resolved {
+        &self.resolved
+    }
+
+    fn diff_ids(&self) -> &[Digest] {
+        &self.resolved.config.rootfs.diff_ids
+    }
+
+    /// Whether every layer is extracted in the store: the tree can then be built with no
+    /// network, e.g. before mounting so that the root's attributes are real from the start.
+    pub fn is_local(&self) -> bool {
+        self.diff_ids().iter().all(|d| self.store.has_layer(d))
+    }
+
+    /// The merged tree, built on the first call (blocking until every layer it needs is
+    /// there); later calls return the same tree.
+    pub fn tree(&self) -> Result<&Tree, Error> {
+        if let Some(t) = self.tree.get() {
+            return Ok(t);
+        }
+        let _building = self.building.lock().expect("build lock");
+        if let Some(t) = self.tree.get() {
+            return Ok(t);
+        }
+        let tree = self.build()?;
+        Ok(self.tree.get_or_init(|| tree))
+    }
+
+    fn build(&self) -> Result<Tree, Error> {
+        let started = std::time::Instant::now();
+        let lazy = self.rt.block_on(self.lazy_layers())?;
+        self.rt.block_on(self.fetch(&lazy))?;
+        let fetched = started.elapsed();
+        let mut indexes = Vec::with_capacity(lazy.len());
+        for (d, l) in self.diff_ids().iter().zip(&lazy) {
+            indexes.push(match l {
+                Some(l) => l.index().clone(),
+                None => self.store.load_layer_index(d)?,
+            });
+        }
+        let tree = crate::overlay::merge(&indexes).map_err(|source| Error::Merge {
+            reference: self.resolved.reference.to_string(),
+            source,
+        })?;
+        tracing::info!(
+            layers = indexes.len(),
+            lazy = lazy.iter().flatten().count(),
+            inodes = tree.inodes.len(),
+            fetch_ms = fetched.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "image tree ready"
+        );
+        let _ = self.lazy.set(lazy);
+        // Sizing the cache walks every layer directory: not on the first reader's path.
+        if self.options.cache_max.is_some() {
+            let (store, max) = (self.store.clone(), self.options.cache_max);
+            let image = self.resolved.manifest_digest.clone();
+            self.rt
+                .spawn_blocking(move || enforce_cache_bound(&store, max, &image));
+        }
+        self.start_prefetch();
+        Ok(tree)
+    }
+
+    /// Every layer that is not lazy, fetched whole (concurrently, bounded), together with
+    /// the landmark regions of the lazy ones.
+    async fn fetch(&self, lazy: &[Option<Arc<LazyLayer>>]) -> Result<(), Error> {
+        let jobs = layer_jobs(&self.resolved)?;
+        let source: Arc<dyn BlobSource> = self.source.clone();
+        let whole = jobs
+            .iter()
+            .zip(lazy)
+            .filter(|(_, l)| l.is_none())
+            .map(|(job, _)| {
+                let source = source.clone();
+                async move {
+                    self.store
+                        .ensure_layer(source, job, Arc::new(|_| {}))
+                        .await
+                        .map_err(|e| Error::Layer {
+                            digest: job.digest.clone(),
+                            source: e,
+                        })
+                }
+            });
+        let mut results = futures_util::stream::iter(whole).buffer_unordered(LAYER_CONCURRENCY);
+        let wholes = async {
+            while let Some(r) = results.next().await {
+                r?;
+            }
+            Ok::<(), Error>(())
+        };
+        let ((), r) = futures_util::future::join(self.fetch_landmarks(lazy), wholes).await;
+        r
+    }
+
+    /// With [`Prefetch::Landmark`], each lazy layer's landmark region, one request per
+    /// layer. A failure only costs the prioritised files their head start: they are fetched
+    /// when read.
+    async fn fetch_landmarks(&self, lazy: &[Option<Arc<LazyLayer>>]) {
+        if self.options.prefetch != Prefetch::Landmark || self.source.offline {
+            return;
+        }
+        let fetches = lazy.iter().flatten().map(|l| async move {
+            if let Err(e) = l.fetch_landmark(&*self.ranges).await {
+                tracing::warn!(digest = %l.digest(), "prefetching the landmark region: {e}");
+            }
+        });
+        futures_util::future::join_all(fetches).await;
+    }
+
+    /// One background task per lazy layer, yielding to readers (see [`LazyLayer::fill`]); they
+    /// end with the runtime at unmount.
+    fn start_prefetch(&self) {
+        // Offline, there is nothing to fetch from.
+        if self.options.prefetch == Prefetch::None || self.source.offline {
+            return;
+        }
+        for l in self.lazy.get().into_iter().flatten().flatten() {
+            let (l, ranges) = (l.clone(), self.ranges.clone());
+            self.rt.spawn(async move {
+                let started = std::time::Instant::now();
+                match l.fill(&*ranges).await {
+                    Ok(()) => tracing::info!(
+                        digest = %l.digest(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "prefetch done"
+                    ),
+                    Err(e) => tracing::warn!(digest = %l.digest(), "prefetch stopped: {e}"),
+                }
+            });
+        }
+    }
+
+    /// Per layer, its lazy eStargz form when it is eStargz (a TOC digest annotation, else —
+    /// for gzip layers, unless `require_toc_digest` — an eStargz footer), is not extracted
+    /// already, and its footer and TOC are usable (else it is fetched whole).
+    async fn lazy_layers(&self) -> Result<Vec<Option<Arc<LazyLayer>>>, Error> {
+        let layers = &self.resolved.manifest.layers;
+        let attempts = layers
+            .iter()
+            .zip(self.diff_ids())
+            .map(|(desc, diff_id)| self.lazy_layer_of(desc, diff_id));
+        futures_util::future::try_join_all(attempts).await
+    }
+
+    async fn lazy_layer_of(
+        &self,
+        desc: &crate::oci::manifest::Descriptor,
+        diff_id: &Digest,
+    ) -> Result<Option<Arc<LazyLayer>>, Error> {
+        if self.store.has_layer(diff_id) {
+            return Ok(None);
+        }
+        let toc = match desc
+            .annotation(TOC_DIGEST_ANNOTATION)
+            .map(str::parse::<Digest>)
+        {
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => {
+                tracing::warn!(digest = %desc.digest, "bad {TOC_DIGEST_ANNOTATION} annotation, fetching the layer whole: {e}");
+                return Ok(None);
+            }
+            None if self.options.require_toc_digest => return Ok(None),
+            None if desc.compression().ok() != Some(crate::oci::Compression::Gzip) => {
+                return Ok(None);
+            }
+            None => None,
+        };
+        let l = match self
+            .store
+            .lazy_layer(&*self.ranges, &desc.digest, desc.size, toc.as_ref())
+            .await
+        {
+            Err(e) if is_range_ignored(&e) => {
+                if toc.is_some() {
+                    tracing::warn!(digest = %desc.digest, "the registry ignores Range: fetching the layer whole");
+                }
+                return Ok(None);
+            }
+            // Only the footer tells an unannotated layer is eStargz: when it cannot be read
+            // (offline, say), the layer is what its media type says, fetched whole (or found
+            // in the cache) like any gzip layer.
+            Err(e) if toc.is_none() => {
+                tracing::debug!(digest = %desc.digest, "no eStargz footer read: {e}");
+                return Ok(None);
+            }
+            l => l.map_err(|source| Error::Layer {
+                digest: desc.digest.clone(),
+                source,
+            })?,
+        };
+        if let (Some(_), None) = (&l, &toc) {
+            tracing::info!(digest = %desc.digest, "eStargz layer without a {TOC_DIGEST_ANNOTATION} annotation: served lazily with its TOC as the registry sent it (--require-toc-digest fetches such layers whole)");
+        }
+        Ok(l.map(Arc::new))
+    }
+
+    fn lazy_layer(&self, layer: u32) -> Option<&Arc<LazyLayer>> {
+        self.lazy.get()?.get(layer as usize)?.as_ref()
+    }
+
+    /// Serve a file of lazy layer `layer` from the layer fetched whole (once, through the
+    /// store: blob digest and diff_id verified), for a registry that ignores Range.
+    fn ensure_from_whole(&self, layer: u32, l: &LazyLayer, data: DataRef) -> Result<(), Error> {
+        let diff_id = &self.diff_ids()[layer as usize];
+        if !self.whole.lock().expect("whole lock").contains(&layer) {
+            let _flight = self.whole_flight.lock().expect("whole flight lock");
+            if !self.whole.lock().expect("whole lock").contains(&layer) {
+                let jobs = layer_jobs(&self.resolved)?;
+                let job = &jobs[layer as usize];
+                let source: Arc<dyn BlobSource> = self.source.clone();
+                self.rt
+                    .block_on(self.store.ensure_layer(source, job, Arc::new(|_| {})))
+                    .map_err(|source| Error::Layer {
+                        digest: job.digest.clone(),
+                        source,
+                    })?;
+                self.whole.lock().expect("whole lock").insert(layer);
+            }
+        }
+        let path = self.store.data_path(diff_id, data);
+        let content = std::fs::File::open(&path).map_err(|source| Error::Open {
+            path: path.clone(),
+            source,
+        })?;
+        l.fill_from(data, &content)?;
+        Ok(())
+    }
+
+    /// Make bytes `offset..offset+len` of a file of layer `layer` local.
+    fn ensure_range(&self, layer: u32, data: DataRef, offset: u64, len: u64) -> Result<(), Error> {
+        let Some(l) = self.lazy_layer(layer) else {
+            return Ok(());
+        };
+        if !self.ranges.ignored(l.digest()) {
+            let range = offset..offset.saturating_add(len);
+            match self.rt.block_on(l.ensure(&*self.ranges, data, range)) {
+                Ok(()) => return Ok(()),
+                Err(e) if is_range_ignored(&e) => {}
+                Err(source) => {
+                    return Err(Error::Chunk {
+                        offset,
+                        len,
+                        source,
+                    });
+                }
+            }
+        }
+        self.ensure_from_whole(layer, l, data)
+    }
+
+    fn open_file(&self, layer: u32, data: DataRef) -> Result<std::fs::File, Error> {
+        if let Some(l) = self.lazy_layer(layer) {
+            return Ok(l.data_file(data)?);
+        }
+        let diff_id = self
+            .diff_ids()
+            .get(layer as usize)
+            .ok_or(Error::NoLayer { layer })?;
+        let path = self.store.data_path(diff_id, data);
+        std::fs::File::open(&path).map_err(|source| Error::Open { path, source })
+    }
+}
+
+impl Backend for MountedImage {
+    fn tree(&self) -> Result<&Tree, BackendError> {
+        MountedImage::tree(self).map_err(BackendError::new)
+    }
+
+    fn built_tree(&self) -> Option<&Tree> {
+        self.tree.get()
+    }
+
+    fn open(&self, layer: u32, data: DataRef) -> Result<std::fs::File, BackendError> {
+        self.open_file(layer, data).map_err(BackendError::new)
+    }
+
+    fn is_complete(&self, layer: u32, data: DataRef) -> bool {
+        self.lazy_layer(layer).is_none_or(|l| l.is_complete(data))
+    }
+
+    fn ensure(&self, layer: u32, data: DataRef, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.ensure_range(layer, data, offset, len)
+            .map_err(BackendError::new)
+    }
+}
