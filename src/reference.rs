@@ -143,6 +143,7 @@ impl Reference {
 impl FromStr for Reference {
     type Err = ReferenceError;
 
+    /// `[registry/]path[:tag][@digest]`, normalised the way Docker does.
     fn from_str(input: &str) -> Result<Self, Self::Err> {
         let owned = || input.to_owned();
         if input.is_empty() {
@@ -151,79 +152,12 @@ impl FromStr for Reference {
         if input.contains("://") {
             return Err(ReferenceError::Scheme { input: owned() });
         }
-
-        let (rest, digest) = match input.split_once('@') {
-            Some((rest, digest)) => {
-                let digest = digest
-                    .parse::<Digest>()
-                    .map_err(|e| ReferenceError::Digest {
-                        input: owned(),
-                        reason: e.to_string(),
-                    })?;
-                (rest, Some(digest))
-            }
-            None => (input, None),
-        };
-
-        // The tag separator is a ':' after the last '/'; an earlier ':' belongs to a port.
-        let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
-        let (name, tag) = match rest[last_slash..].find(':') {
-            Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
-            None => (rest, None),
-        };
-        if name.is_empty() {
-            return Err(ReferenceError::Empty { input: owned() });
-        }
-        if let Some(tag) = tag
-            && !valid_tag(tag)
-        {
-            return Err(ReferenceError::Tag {
-                input: owned(),
-                tag: tag.to_owned(),
-            });
-        }
-
+        let (rest, digest) = split_digest(input)?;
+        let (name, tag) = split_tag(input, rest)?;
         if name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(ReferenceError::LooksLikeId { input: owned() });
         }
-
-        let (registry, path) = match name.split_once('/') {
-            Some((first, path))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
-                (first, path)
-            }
-            _ => (DOCKER_HUB, name),
-        };
-        let registry = if registry == DOCKER_HUB_LEGACY {
-            DOCKER_HUB
-        } else {
-            registry
-        };
-        if !valid_registry(registry) {
-            return Err(ReferenceError::Registry {
-                input: owned(),
-                registry: registry.to_owned(),
-            });
-        }
-
-        if path.bytes().any(|b| b.is_ascii_uppercase()) {
-            return Err(ReferenceError::Uppercase { input: owned() });
-        }
-        for component in path.split('/') {
-            if !valid_path_component(component) {
-                return Err(ReferenceError::PathComponent {
-                    input: owned(),
-                    component: component.to_owned(),
-                });
-            }
-        }
-        let repository = if registry == DOCKER_HUB && !path.contains('/') {
-            format!("{OFFICIAL_PREFIX}{path}")
-        } else {
-            path.to_owned()
-        };
-
+        let (registry, repository) = split_name(input, name)?;
         let len = registry.len() + 1 + repository.len();
         if len > NAME_MAX {
             return Err(ReferenceError::NameTooLong {
@@ -231,7 +165,6 @@ impl FromStr for Reference {
                 len,
             });
         }
-
         let tag = match (tag, &digest) {
             (Some(tag), _) => Some(tag.to_owned()),
             (None, Some(_)) => None,
@@ -244,6 +177,85 @@ impl FromStr for Reference {
             digest,
         })
     }
+}
+
+/// `rest@digest` → (`rest`, the parsed digest).
+fn split_digest(input: &str) -> Result<(&str, Option<Digest>), ReferenceError> {
+    let Some((rest, digest)) = input.split_once('@') else {
+        return Ok((input, None));
+    };
+    let digest = digest
+        .parse::<Digest>()
+        .map_err(|e| ReferenceError::Digest {
+            input: input.to_owned(),
+            reason: e.to_string(),
+        })?;
+    Ok((rest, Some(digest)))
+}
+
+/// `name:tag` → (`name`, the checked tag). The tag separator is a `:` after the last `/`; an
+/// earlier `:` belongs to a port.
+fn split_tag<'a>(input: &str, rest: &'a str) -> Result<(&'a str, Option<&'a str>), ReferenceError> {
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match rest[last_slash..].find(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if name.is_empty() {
+        return Err(ReferenceError::Empty {
+            input: input.to_owned(),
+        });
+    }
+    if let Some(tag) = tag
+        && !valid_tag(tag)
+    {
+        return Err(ReferenceError::Tag {
+            input: input.to_owned(),
+            tag: tag.to_owned(),
+        });
+    }
+    Ok((name, tag))
+}
+
+/// `name` → (registry, repository), checked and normalised: the first component is a
+/// registry only if it has a `.` or `:` or is `localhost`; Docker Hub's single-component
+/// names live under `library/`.
+fn split_name<'a>(input: &str, name: &'a str) -> Result<(&'a str, String), ReferenceError> {
+    let owned = || input.to_owned();
+    let (registry, path) = match name.split_once('/') {
+        Some((first, path))
+            if first.contains('.') || first.contains(':') || first == "localhost" =>
+        {
+            (first, path)
+        }
+        _ => (DOCKER_HUB, name),
+    };
+    let registry = if registry == DOCKER_HUB_LEGACY {
+        DOCKER_HUB
+    } else {
+        registry
+    };
+    if !valid_registry(registry) {
+        return Err(ReferenceError::Registry {
+            input: owned(),
+            registry: registry.to_owned(),
+        });
+    }
+    if path.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(ReferenceError::Uppercase { input: owned() });
+    }
+    if let Some(component) = path.split('/').find(|c| !valid_path_component(c)) {
+        return Err(ReferenceError::PathComponent {
+            input: owned(),
+            component: component.to_owned(),
+        });
+    }
+    let repository = if registry == DOCKER_HUB && !path.contains('/') {
+        format!("{OFFICIAL_PREFIX}{path}")
+    } else {
+        path.to_owned()
+    };
+    Ok((registry, repository))
 }
 
 impl fmt::Display for Reference {
