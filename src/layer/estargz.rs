@@ -52,8 +52,8 @@ use std::ops::Range;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use super::index::{DataRef, Entry, EntryKind, LayerIndex, Timespec, Xattr};
-use super::tar::{ESTARGZ_META_NAMES, clean_path};
+use super::index::{DataRef, Entry, EntryKind, LayerIndex, Timespec, Xattr, clean_path};
+use super::tar::ESTARGZ_META_NAMES;
 use crate::oci::Digest;
 
 /// Size of the eStargz footer.
