@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use imagefs::layer::estargz::TOC_DIGEST_ANNOTATION;
-use imagefs::layer::estargz::testing::{Landmark, WriterOptions, write_estargz_with};
+use imagefs::layer::estargz::{Landmark, WriterOptions, write_estargz_with};
 use imagefs::layer::index::{Entry as IndexEntry, EntryKind, Timespec};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};

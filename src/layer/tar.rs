@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use tar::EntryType;
 
+use super::estargz;
 use super::index::{DataRef, Entry, EntryKind, LayerIndex, Timespec, Xattr, clean_path};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,13 +36,6 @@ pub enum TarError {
         source: io::Error,
     },
 }
-
-/// Names written by eStargz tools at the layer root; eStargz-aware readers hide them.
-pub const ESTARGZ_META_NAMES: [&[u8]; 3] = [
-    b"stargz.index.json",
-    b".prefetch.landmark",
-    b".no.prefetch.landmark",
-];
 
 /// Index `reader` (an uncompressed tar stream) and, when `data_dir` is given, extract file
 /// contents into it. Reads up to the tar end-of-archive marker; the caller drains the rest
@@ -183,9 +177,9 @@ pub fn index_layer<R: Read>(reader: R, data_dir: Option<&Path>) -> Result<LayerI
     // eStargz layers are valid tar.gz; their metadata entries are not part of the image.
     let is_estargz = entries
         .iter()
-        .any(|e| e.path == b"stargz.index.json" && e.kind == EntryKind::File);
+        .any(|e| e.path == estargz::TOC_NAME.as_bytes() && e.kind == EntryKind::File);
     if is_estargz {
-        entries.retain(|e| !ESTARGZ_META_NAMES.contains(&e.path.as_slice()));
+        entries.retain(|e| !estargz::is_meta_name(&e.path));
     }
     Ok(LayerIndex { entries })
 }

@@ -694,7 +694,7 @@ pub fn has_toc(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::estargz::testing::{Landmark, WriterOptions, write_estargz_with};
+    use crate::layer::estargz::{Landmark, WriterOptions, write_estargz_with};
     use crate::layer::index::{Entry, EntryKind};
     use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -10,10 +10,10 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use imagefs::layer::estargz::testing::{Landmark, WriterOptions, write_estargz_with};
 use imagefs::layer::estargz::{
     Chunk, FOOTER_SIZE, TOC_DIGEST_ANNOTATION, parse_footer, parse_toc_member,
 };
+use imagefs::layer::estargz::{Landmark, WriterOptions, write_estargz_with};
 use imagefs::layer::index::{Entry as IndexEntry, EntryKind};
 
 use crate::mount::{rootfs_lines, walk_mount};
