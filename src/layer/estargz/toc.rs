@@ -9,7 +9,8 @@ use std::io::{self, Read};
 
 use base64::Engine as _;
 use serde::Deserialize;
-use std::ops::Range;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use super::chunks::ChunkMapBuilder;
 use super::{
@@ -419,128 +420,37 @@ fn index_entry(index: usize, te: &TocEntry, kind: EntryKind) -> Result<Entry, Es
 }
 
 // ---------------------------------------------------------------------------------------
-// RFC 3339
+// `modtime`: RFC 3339, as Go reads and writes it
 
-/// `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`, as Go's `time.RFC3339` parses it.
+/// `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`, as Go's `time.RFC3339` parses it: the `time`
+/// crate's RFC 3339 parser, plus the two rules where Go is stricter, checked by hand because
+/// the crate has no switch for them. The crate takes any byte between date and time (RFC
+/// 3339 §5.6 allows a space) and reads `23:59:60` at the end of a month as a leap second;
+/// Go takes only `T` or `t`, and no second 60. A fraction longer than 9 digits is truncated
+/// to nanoseconds by both.
 pub(super) fn parse_rfc3339(s: &str) -> Option<Timespec> {
     let b = s.as_bytes();
-    let num = |r: Range<usize>| -> Option<i64> {
-        let digits = b.get(r)?;
-        if !digits.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        Some(
-            digits
-                .iter()
-                .fold(0, |acc, &d| acc * 10 + i64::from(d - b'0')),
-        )
-    };
-    let at = |i: usize, c: &[u8]| b.get(i).is_some_and(|x| c.contains(x));
-    if !(at(4, b"-") && at(7, b"-") && at(10, b"Tt") && at(13, b":") && at(16, b":")) {
+    // The crate requires exactly four year digits, so the layout before the fraction is
+    // fixed: the separator is byte 10 and the seconds are bytes 17..19.
+    if !matches!(b.get(10), Some(b'T' | b't')) || b.get(17..19) == Some(b"60") {
         return None;
     }
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let mut i = 19;
-    let mut nsec: u32 = 0;
-    if at(i, b".") {
-        let start = i + 1;
-        i = start;
-        while at(i, b"0123456789") {
-            i += 1;
-        }
-        if i == start {
-            return None;
-        }
-        let mut scale = 100_000_000;
-        for &d in &b[start..i.min(start + 9)] {
-            nsec += u32::from(d - b'0') * scale;
-            scale /= 10;
-        }
-    }
-    let zone = if at(i, b"Zz") {
-        i += 1;
-        0
-    } else if at(i, b"+-") && at(i + 3, b":") {
-        let (h, m) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
-        if h > 23 || m > 59 {
-            return None;
-        }
-        let sign = if b[i] == b'-' { -1 } else { 1 };
-        i += 6;
-        sign * (h * 3600 + m * 60)
-    } else {
-        return None;
-    };
-    if i != b.len() {
-        return None;
-    }
-    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-    let month_days = [
-        31,
-        if leap { 29 } else { 28 },
-        31,
-        30,
-        31,
-        30,
-        31,
-        31,
-        30,
-        31,
-        30,
-        31,
-    ];
-    if !(1..=12).contains(&month)
-        || day < 1
-        || day > month_days[(month - 1) as usize]
-        || hour > 23
-        || minute > 59
-        || second > 59
-    {
-        return None;
-    }
-    let days = days_from_civil(year, month, day);
+    let t = OffsetDateTime::parse(s, &Rfc3339).ok()?;
     Some(Timespec {
-        sec: days * 86_400 + hour * 3600 + minute * 60 + second - zone,
-        nsec,
+        sec: t.unix_timestamp(),
+        nsec: t.nanosecond(),
     })
 }
 
-/// `sec` as `YYYY-MM-DDTHH:MM:SSZ` (years 0 to 9999).
-pub(super) fn format_rfc3339(sec: i64) -> String {
-    let (days, rem) = (sec.div_euclid(86_400), sec.rem_euclid(86_400));
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+/// `sec` as `YYYY-MM-DDTHH:MM:SSZ`, as Go's writer formats `modtime` (whole seconds, UTC);
+/// `None` outside the years 0 to 9999, which RFC 3339 cannot write.
+pub(super) fn format_rfc3339(sec: i64) -> Option<String> {
+    OffsetDateTime::from_unix_timestamp(sec)
+        .ok()?
+        .format(&Rfc3339)
+        .ok()
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
 #[cfg(test)]
 mod tests {
     use std::io::Write as _;
@@ -570,6 +480,8 @@ mod tests {
             ("2024-13-01T00:00:00Z", None),
             ("2024-01-01T24:00:00Z", None),
             ("2024-01-01T00:00:60Z", None),
+            // A leap second where the `time` crate would take one: Go never does.
+            ("2016-12-31T23:59:60Z", None),
             ("2024-01-01T00:00:00.Z", None),
             ("2024-01-01T00:00:00Zx", None),
             ("2024-01-01T00:00:00+0100", None),
@@ -589,10 +501,13 @@ mod tests {
             253_402_300_799,
             -62_135_596_800,
         ] {
-            let text = format_rfc3339(sec);
+            let text = format_rfc3339(sec).unwrap();
             assert_eq!(parse_rfc3339(&text).map(|t| t.sec), Some(sec), "{text}");
         }
-        assert_eq!(format_rfc3339(1_704_067_200), "2024-01-01T00:00:00Z");
+        assert_eq!(
+            format_rfc3339(1_704_067_200).unwrap(),
+            "2024-01-01T00:00:00Z"
+        );
     }
 
     #[test]

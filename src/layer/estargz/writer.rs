@@ -303,7 +303,8 @@ impl TocOut {
         TocOut {
             name: name.to_owned(),
             kind,
-            modtime: (e.mtime.sec != 0).then(|| format_rfc3339(e.mtime.sec)),
+            modtime: (e.mtime.sec != 0)
+                .then(|| format_rfc3339(e.mtime.sec).expect("an mtime in the years 0 to 9999")),
             link_name: e
                 .link
                 .as_deref()
