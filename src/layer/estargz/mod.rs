@@ -52,7 +52,7 @@ mod writer;
 pub use chunks::{Chunk, ChunkMap, decode_chunk};
 pub use footer::{FOOTER_SIZE, Footer, LEGACY_FOOTER_SIZE, footer_bytes, parse_footer};
 pub use toc::{Toc, TocEntry, TocEntryType, parse_toc_member};
-pub use writer::{Landmark, WriterOptions, Written, write_estargz, write_estargz_with};
+pub use writer::{Landmark, WriteError, Writer, WriterOptions, Written, build};
 
 use std::io;
 
@@ -338,14 +338,15 @@ mod tests {
             (entry("", EntryKind::Dir, 0o755), vec![]),
             (file, noise(3000, 3)),
         ];
-        let w = write_estargz_with(
+        let w = build(
             &input,
             &WriterOptions {
                 chunk_size: 1024,
                 landmark: Landmark::NoPrefetch,
                 legacy_footer: false,
             },
-        );
+        )
+        .unwrap();
         let start = w.toc_offset as usize;
         let mut outcomes = [0usize; 2];
         for at in start..w.blob.len() {

@@ -6,7 +6,7 @@ use std::io::{Read, Write as _};
 use std::path::PathBuf;
 
 use super::toc::toc_json;
-use super::writer::{Landmark, WriterOptions, Written, write_estargz_with};
+use super::writer::{Landmark, WriterOptions, Written, build};
 use super::{
     Chunk, ChunkMap, EstargzError, FOOTER_SIZE, Footer, TOC_DIGEST_ANNOTATION, TOC_NAME, Toc,
     decode_chunk, footer_bytes, parse_footer, parse_toc_member,
@@ -296,7 +296,7 @@ pub(crate) fn with_toc(w: &Written, f: impl FnOnce(&mut serde_json::Value)) -> (
 }
 
 pub(crate) fn written() -> Written {
-    write_estargz_with(
+    build(
         &sample(),
         &WriterOptions {
             chunk_size: CHUNK,
@@ -304,6 +304,7 @@ pub(crate) fn written() -> Written {
             legacy_footer: false,
         },
     )
+    .unwrap()
 }
 
 /// Index in the TOC JSON of the n-th entry named `name`.

@@ -45,6 +45,20 @@ pub enum TocEntryType {
     Chunk,
 }
 
+impl From<EntryKind> for TocEntryType {
+    fn from(kind: EntryKind) -> TocEntryType {
+        match kind {
+            EntryKind::Dir => TocEntryType::Dir,
+            EntryKind::File => TocEntryType::Reg,
+            EntryKind::Symlink => TocEntryType::Symlink,
+            EntryKind::Hardlink => TocEntryType::Hardlink,
+            EntryKind::CharDev => TocEntryType::Char,
+            EntryKind::BlockDev => TocEntryType::Block,
+            EntryKind::Fifo => TocEntryType::Fifo,
+        }
+    }
+}
+
 impl TocEntryType {
     fn parse(s: &str) -> Option<TocEntryType> {
         Some(match s {
