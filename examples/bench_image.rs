@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use imagefs::layer::estargz::TOC_DIGEST_ANNOTATION;
-use imagefs::layer::estargz::testing::{Landmark, WriterOptions, write_estargz_with};
+use imagefs::layer::estargz::{WriterOptions, build};
 use imagefs::layer::index::{Entry as IndexEntry, EntryKind, Timespec};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
@@ -475,14 +475,7 @@ impl Layout {
                 (e, content)
             })
             .collect();
-        let w = write_estargz_with(
-            &entries,
-            &WriterOptions {
-                chunk_size: 4 << 20,
-                landmark: Landmark::NoPrefetch,
-                legacy_footer: false,
-            },
-        );
+        let w = build(&entries, &WriterOptions::default()).map_err(io::Error::other)?;
         let (digest, size) = self.put(&w.blob)?;
         Ok(Blob {
             digest,

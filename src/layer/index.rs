@@ -99,6 +99,29 @@ impl Entry {
     }
 }
 
+/// The components of a tar name, cleaned lexically like Go's `filepath.Clean("/" + name)`
+/// (as umoci and containerd do): empty and `.` components are dropped, `..` pops one and
+/// never climbs above the root. The one cleaning rule of the crate: the indexers name
+/// entries with it and the overlay resolves hardlink targets with it.
+pub fn path_components(raw: &[u8]) -> Vec<&[u8]> {
+    let mut parts = Vec::new();
+    for comp in raw.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    parts
+}
+
+/// [`path_components`] joined by `/`: an [`Entry::path`]; the root is the empty path.
+pub fn clean_path(raw: &[u8]) -> Vec<u8> {
+    path_components(raw).join(&b'/')
+}
+
 /// Raw byte strings in JSON: plain strings when they are UTF-8 (readable indexes), and a
 /// tagged base64 object otherwise, so non-UTF-8 names round-trip exactly.
 mod bytes_b64 {
@@ -155,6 +178,29 @@ mod opt_bytes_b64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clean_paths() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"./", b""),
+            (b".", b""),
+            (b"/", b""),
+            (b"./etc/passwd", b"etc/passwd"),
+            (b"/etc//passwd/", b"etc/passwd"),
+            (b"../../etc/passwd", b"etc/passwd"),
+            (b"a/b/../c", b"a/c"),
+            (b"a/./b", b"a/b"),
+            (b"\xff/x", b"\xff/x"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                clean_path(input),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
 
     #[test]
     fn non_utf8_names_round_trip() {

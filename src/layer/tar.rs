@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 use tar::EntryType;
 
-use super::index::{DataRef, Entry, EntryKind, LayerIndex, Timespec, Xattr};
+use super::estargz;
+use super::index::{DataRef, Entry, EntryKind, LayerIndex, Timespec, Xattr, clean_path};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
@@ -35,13 +36,6 @@ pub enum TarError {
         source: io::Error,
     },
 }
-
-/// Names written by eStargz tools at the layer root; eStargz-aware readers hide them.
-pub const ESTARGZ_META_NAMES: [&[u8]; 3] = [
-    b"stargz.index.json",
-    b".prefetch.landmark",
-    b".no.prefetch.landmark",
-];
 
 /// Index `reader` (an uncompressed tar stream) and, when `data_dir` is given, extract file
 /// contents into it. Reads up to the tar end-of-archive marker; the caller drains the rest
@@ -183,9 +177,9 @@ pub fn index_layer<R: Read>(reader: R, data_dir: Option<&Path>) -> Result<LayerI
     // eStargz layers are valid tar.gz; their metadata entries are not part of the image.
     let is_estargz = entries
         .iter()
-        .any(|e| e.path == b"stargz.index.json" && e.kind == EntryKind::File);
+        .any(|e| e.path == estargz::TOC_NAME.as_bytes() && e.kind == EntryKind::File);
     if is_estargz {
-        entries.retain(|e| !ESTARGZ_META_NAMES.contains(&e.path.as_slice()));
+        entries.retain(|e| !estargz::is_meta_name(&e.path));
     }
     Ok(LayerIndex { entries })
 }
@@ -456,21 +450,6 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-/// `filepath.Clean("/" + name)` without the leading slash: the root is the empty path.
-pub fn clean_path(raw: &[u8]) -> Vec<u8> {
-    let mut parts: Vec<&[u8]> = Vec::new();
-    for comp in raw.split(|&b| b == b'/') {
-        match comp {
-            b"" | b"." => {}
-            b".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    parts.join(&b'/')
-}
-
 /// A numeric header field; an empty one (all NUL or spaces) reads as 0, as in GNU tar and
 /// Go's archive/tar.
 fn numeric(parsed: io::Result<u64>, raw: &[u8]) -> Result<u64, String> {
@@ -512,29 +491,6 @@ pub fn open_data(dir: &Path, data: DataRef) -> io::Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn clean_paths() {
-        let cases: &[(&[u8], &[u8])] = &[
-            (b"./", b""),
-            (b".", b""),
-            (b"/", b""),
-            (b"./etc/passwd", b"etc/passwd"),
-            (b"/etc//passwd/", b"etc/passwd"),
-            (b"../../etc/passwd", b"etc/passwd"),
-            (b"a/b/../c", b"a/c"),
-            (b"a/./b", b"a/b"),
-            (b"\xff/x", b"\xff/x"),
-        ];
-        for (input, want) in cases {
-            assert_eq!(
-                clean_path(input),
-                *want,
-                "{:?}",
-                String::from_utf8_lossy(input)
-            );
-        }
-    }
 
     #[test]
     fn pax_times() {

@@ -44,7 +44,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use super::tree::{Content, Inode, InodeId, Meta, ROOT, Tree};
-use crate::layer::index::{Entry, EntryKind, LayerIndex, Timespec};
+use crate::layer::index::{Entry, EntryKind, LayerIndex, Timespec, path_components};
 
 /// Basename prefix of a whiteout entry.
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -196,7 +196,7 @@ impl Builder {
     }
 
     fn apply(&mut self, e: &Entry) -> Result<(), MergeError> {
-        let comps = clean(&e.path);
+        let comps = path_components(&e.path);
         let Some((&name, dir)) = comps.split_last() else {
             return self.apply_root(e);
         };
@@ -341,7 +341,7 @@ impl Builder {
             path: e.path.clone(),
             target: target.to_vec(),
         };
-        let comps = clean(target);
+        let comps = path_components(target);
         let Some((&name, dir)) = comps.split_last() else {
             return Err(to_dir());
         };
@@ -554,22 +554,6 @@ fn take_meta(node: &mut Node) -> Meta {
         xattrs: std::mem::take(&mut node.meta.xattrs),
         ..node.meta.clone()
     }
-}
-
-/// Split a path into components, lexically: empty and `.` components dropped, `..` pops
-/// (and stops at the root).
-fn clean(path: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    for comp in path.split(|&b| b == b'/') {
-        match comp {
-            b"" | b"." => {}
-            b".." => {
-                out.pop();
-            }
-            _ => out.push(comp),
-        }
-    }
-    out
 }
 
 fn meta_of(e: &Entry) -> Meta {

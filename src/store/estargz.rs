@@ -694,7 +694,7 @@ pub fn has_toc(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::estargz::testing::{Landmark, WriterOptions, write_estargz_with};
+    use crate::layer::estargz::{Landmark, WriterOptions, build};
     use crate::layer::index::{Entry, EntryKind};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -730,14 +730,15 @@ mod tests {
         f.size = content.len() as u64;
         let mut s = Entry::new("small", EntryKind::File, 0o644);
         s.size = 5;
-        let w = write_estargz_with(
+        let w = build(
             &[(f, content), (s, b"hello".to_vec())],
             &WriterOptions {
                 chunk_size: 100_000,
                 landmark: Landmark::NoPrefetch,
                 legacy_footer: false,
             },
-        );
+        )
+        .unwrap();
         let digest = Digest::sha256(&w.blob);
         (w.blob, digest, w.toc_digest)
     }
@@ -846,14 +847,15 @@ mod tests {
         f.size = big().len() as u64;
         let mut s = Entry::new("small", EntryKind::File, 0o644);
         s.size = 5;
-        let w = write_estargz_with(
+        let w = build(
             &[(f, big()), (s, b"hello".to_vec())],
             &WriterOptions {
                 chunk_size: 100_000,
                 landmark: Landmark::Prefetch { after: 1 },
                 legacy_footer: false,
             },
-        );
+        )
+        .unwrap();
         let digest = Digest::sha256(&w.blob);
         (w.blob, digest, w.toc_digest)
     }

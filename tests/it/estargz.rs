@@ -10,10 +10,10 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use imagefs::layer::estargz::testing::{Landmark, WriterOptions, write_estargz_with};
 use imagefs::layer::estargz::{
     Chunk, FOOTER_SIZE, TOC_DIGEST_ANNOTATION, parse_footer, parse_toc_member,
 };
+use imagefs::layer::estargz::{Landmark, WriterOptions, build};
 use imagefs::layer::index::{Entry as IndexEntry, EntryKind};
 
 use crate::cli_mount::{rootfs_lines, walk_mount};
@@ -135,7 +135,7 @@ pub(crate) fn written() -> Written {
         e.size = content.len() as u64;
         (e, content.to_vec())
     };
-    let w = write_estargz_with(
+    let w = build(
         &[
             (IndexEntry::new("data", EntryKind::Dir, 0o755), Vec::new()),
             file("data/big", &big),
@@ -147,7 +147,8 @@ pub(crate) fn written() -> Written {
             landmark: Landmark::NoPrefetch,
             legacy_footer: false,
         },
-    );
+    )
+    .expect("an eStargz layer");
     let mut tar = Vec::new();
     flate2::read::MultiGzDecoder::new(&w.blob[..])
         .read_to_end(&mut tar)

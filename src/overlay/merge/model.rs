@@ -61,6 +61,8 @@ fn dir_node(ino: u64, touched: usize) -> Node {
     }
 }
 
+/// Kept apart from `layer::index::path_components` on purpose: an oracle that shared the
+/// code under test could not catch its bugs.
 fn clean(path: &[u8]) -> Path {
     let mut out = Path::new();
     for c in path.split(|&b| b == b'/') {

@@ -1,0 +1,615 @@
+//! The eStargz writer: a layer's entries in, an eStargz blob out, laid out member by member
+//! as the reference writer (stargz-snapshotter `estargz/build.go`) lays them, with what a
+//! manifest says about the blob: the `toc.digest` annotation, the diff_id, the TOC offset.
+//!
+//! Members: tar headers accumulate in the current gzip member; each chunk of file data
+//! starts a new one; the tar padding after a file stays in its last chunk's member, followed
+//! by the next headers; the TOC entry gets a member of its own; then the footer.
+//!
+//! It writes the entries it is given, in that order: putting the prioritised files first is
+//! the caller's choice, marked with [`Landmark::Prefetch`]. One gzip member at a time is
+//! built in memory (at most one chunk of file data and the headers around it), then written
+//! out; a file's content is passed whole, as a slice. It must not know the registry or the
+//! store: bytes out through [`std::io::Write`].
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+
+use base64::Engine as _;
+use serde::Serialize;
+
+use super::toc::format_rfc3339;
+use super::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_NAME, TocEntryType, footer_bytes};
+use crate::layer::index::{Entry, EntryKind};
+use crate::oci::digest::Algorithm;
+use crate::oci::{Digest, Hasher};
+
+/// Which landmark file the writer adds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Landmark {
+    None,
+    /// `.no.prefetch.landmark` first, as `ctr-remote image convert` writes it when no file
+    /// is prioritised.
+    #[default]
+    NoPrefetch,
+    /// `.prefetch.landmark` after the first `after` entries (the prioritised ones), or after
+    /// the last entry when there are fewer.
+    Prefetch {
+        after: usize,
+    },
+}
+
+/// How the blob is laid out; [`WriterOptions::default`] is what `ctr-remote` writes for an
+/// image without prioritised files, with 4 MiB chunks.
+#[derive(Clone, Copy, Debug)]
+pub struct WriterOptions {
+    /// Largest chunk of file data per gzip member (positive).
+    pub chunk_size: u64,
+    pub landmark: Landmark,
+    /// Write the 47-byte legacy stargz footer.
+    pub legacy_footer: bool,
+}
+
+impl Default for WriterOptions {
+    /// 4 MiB chunks, `.no.prefetch.landmark`, the eStargz footer.
+    fn default() -> WriterOptions {
+        WriterOptions {
+            chunk_size: 4 << 20,
+            landmark: Landmark::default(),
+            legacy_footer: false,
+        }
+    }
+}
+
+/// A written blob (`W` is where it went; [`build`] gives the bytes) and what a manifest
+/// says about it.
+#[derive(Clone, Debug)]
+pub struct Written<W = Vec<u8>> {
+    pub blob: W,
+    /// sha256 of the TOC JSON: the `containerd.io/snapshot/stargz/toc.digest` annotation.
+    pub toc_digest: Digest,
+    /// sha256 of the uncompressed tar: the layer's diff_id in the image config.
+    pub diff_id: Digest,
+    /// Blob offset of the TOC member (what the footer says).
+    pub toc_offset: u64,
+    /// Bytes written: the blob's size.
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("eStargz chunk size must be positive")]
+    ChunkSize,
+    #[error("cannot write {path:?} into an eStargz layer: {reason}")]
+    Entry { path: String, reason: String },
+    #[error("writing the eStargz blob: {source}")]
+    Io {
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Write `entries` (each with its file content; ignored for non-files, and a file's size is
+/// its content's length) as one eStargz blob in memory.
+pub fn build(entries: &[(Entry, Vec<u8>)], options: &WriterOptions) -> Result<Written, WriteError> {
+    let mut w = Writer::new(Vec::new(), options)?;
+    for (entry, content) in entries {
+        w.append(entry, content)?;
+    }
+    w.finish()
+}
+
+/// An eStargz blob being written to `W`: [`append`](Writer::append) each entry in tar
+/// order, then [`finish`](Writer::finish) writes the TOC and the footer.
+pub struct Writer<W: Write> {
+    out: W,
+    options: WriterOptions,
+    /// Bytes written to `out` so far: the offset of the next member.
+    offset: u64,
+    /// The open gzip member.
+    member: Option<flate2::write::GzEncoder<Vec<u8>>>,
+    /// Of everything uncompressed: the diff_id.
+    diff: Hasher,
+    toc: Vec<TocOut>,
+    appended: usize,
+    landmark_done: bool,
+}
+
+impl<W: Write> Writer<W> {
+    pub fn new(out: W, options: &WriterOptions) -> Result<Writer<W>, WriteError> {
+        if options.chunk_size == 0 {
+            return Err(WriteError::ChunkSize);
+        }
+        Ok(Writer {
+            out,
+            options: *options,
+            offset: 0,
+            member: None,
+            diff: Hasher::new(Algorithm::Sha256),
+            toc: Vec::new(),
+            appended: 0,
+            landmark_done: options.landmark == Landmark::None,
+        })
+    }
+
+    /// Append one entry; `content` is a file's data (its size is `content.len()`), ignored
+    /// for other kinds. Names, link targets and xattr names must be UTF-8: the TOC is JSON.
+    pub fn append(&mut self, entry: &Entry, content: &[u8]) -> Result<(), WriteError> {
+        if !self.landmark_done {
+            let due = match self.options.landmark {
+                Landmark::Prefetch { after } => self.appended == after,
+                _ => true,
+            };
+            if due {
+                self.landmark()?;
+            }
+        }
+        self.appended += 1;
+        self.entry(entry, content)
+    }
+
+    /// Write the TOC and the footer; the landmark too if no entry came to its place.
+    pub fn finish(mut self) -> Result<Written<W>, WriteError> {
+        if !self.landmark_done {
+            self.landmark()?;
+        }
+        self.close()?;
+        let toc_offset = self.offset;
+        let json = serde_json::to_vec_pretty(&TocJson {
+            version: 1,
+            entries: std::mem::take(&mut self.toc),
+        })
+        .map_err(|e| WriteError::Entry {
+            path: TOC_NAME.into(),
+            reason: e.to_string(),
+        })?;
+        let toc_digest = Digest::sha256(&json);
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(json.len() as u64);
+        header.set_mode(0o644);
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_data(&mut header, TOC_NAME, &json[..])
+            .map_err(|e| entry_error(TOC_NAME, e))?;
+        self.write(&b.into_inner().map_err(|e| entry_error(TOC_NAME, e))?)?;
+        self.close()?;
+        self.emit(&footer_bytes(toc_offset, self.options.legacy_footer))?;
+        Ok(Written {
+            blob: self.out,
+            toc_digest,
+            diff_id: self.diff.finish(),
+            toc_offset,
+            size: self.offset,
+        })
+    }
+
+    fn landmark(&mut self) -> Result<(), WriteError> {
+        self.landmark_done = true;
+        let name = match self.options.landmark {
+            Landmark::None => return Ok(()),
+            Landmark::NoPrefetch => NO_PREFETCH_LANDMARK,
+            Landmark::Prefetch { .. } => PREFETCH_LANDMARK,
+        };
+        let mut e = Entry::new(name, EntryKind::File, 0);
+        e.size = 1;
+        // One byte, as the Go writer's landmark files hold.
+        self.entry(&e, &[0x0f])
+    }
+
+    fn entry(&mut self, entry: &Entry, content: &[u8]) -> Result<(), WriteError> {
+        let name = tar_name(entry)?;
+        let content = if entry.kind == EntryKind::File {
+            content
+        } else {
+            &[]
+        };
+        let bytes = tar_entry(entry, &name, content).map_err(|e| entry_error(&name, e))?;
+        let mut te = TocOut::new(&name, entry)?;
+        if entry.kind != EntryKind::File || content.is_empty() {
+            if entry.kind == EntryKind::File {
+                te.digest = Some(Digest::sha256(&[]).to_string());
+            }
+            self.toc.push(te);
+            return self.write(&bytes);
+        }
+        let padded = content.len().div_ceil(512) * 512;
+        let header_len = bytes.len() - padded;
+        self.write(&bytes[..header_len])?;
+        te.size = Some(content.len() as u64);
+        te.digest = Some(Digest::sha256(content).to_string());
+        let mut te = Some(te);
+        let chunk_size = self.options.chunk_size;
+        let mut pos = 0usize;
+        while pos < content.len() {
+            self.close()?;
+            let remain = (content.len() - pos) as u64;
+            let size = remain.min(chunk_size) as usize;
+            let data = &content[pos..pos + size];
+            let mut ce = te.take().unwrap_or_else(|| TocOut::chunk(&name));
+            ce.offset = Some(self.offset);
+            ce.chunk_offset = (pos > 0).then_some(pos as u64);
+            // As the Go writer: chunkSize on full chunks only; the last runs to the end.
+            ce.chunk_size = (remain >= chunk_size).then_some(size as u64);
+            ce.chunk_digest = Some(Digest::sha256(data).to_string());
+            self.toc.push(ce);
+            self.write(data)?;
+            pos += size;
+        }
+        self.write(&bytes[header_len + content.len()..])
+    }
+
+    /// Uncompressed bytes into the open member (a new one if none is open).
+    fn write(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
+        self.diff.update(bytes);
+        self.member
+            .get_or_insert_with(|| {
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best())
+            })
+            .write_all(bytes)
+            .map_err(|source| WriteError::Io { source })
+    }
+
+    /// End the open member, if any, and write it out.
+    fn close(&mut self) -> Result<(), WriteError> {
+        match self.member.take() {
+            Some(gz) => {
+                let member = gz.finish().map_err(|source| WriteError::Io { source })?;
+                self.emit(&member)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn emit(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
+        self.out
+            .write_all(bytes)
+            .map_err(|source| WriteError::Io { source })?;
+        self.offset += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+fn entry_error(name: &str, e: impl ToString) -> WriteError {
+    WriteError::Entry {
+        path: name.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+fn utf8<'a>(path: &[u8], what: &str, bytes: &'a [u8]) -> Result<&'a str, WriteError> {
+    std::str::from_utf8(bytes).map_err(|_| WriteError::Entry {
+        path: String::from_utf8_lossy(path).into_owned(),
+        reason: format!("{what} is not UTF-8 (the TOC is JSON)"),
+    })
+}
+
+/// Tar names as umoci writes them: `./` for the root, a trailing `/` on directories.
+fn tar_name(entry: &Entry) -> Result<String, WriteError> {
+    let path = utf8(&entry.path, "the name", &entry.path)?;
+    Ok(match entry.kind {
+        EntryKind::Dir if path.is_empty() => "./".into(),
+        EntryKind::Dir => format!("{path}/"),
+        _ => path.to_owned(),
+    })
+}
+
+/// One entry as tar bytes: extension headers, header, content and padding.
+fn tar_entry(entry: &Entry, name: &str, content: &[u8]) -> io::Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    if !entry.xattrs.is_empty() {
+        let keys: Vec<String> = entry
+            .xattrs
+            .iter()
+            .map(|x| format!("SCHILY.xattr.{}", String::from_utf8_lossy(&x.name)))
+            .collect();
+        b.append_pax_extensions(
+            keys.iter()
+                .map(String::as_str)
+                .zip(entry.xattrs.iter().map(|x| x.value.as_slice())),
+        )?;
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(entry.mode & 0o7777);
+    h.set_uid(u64::from(entry.uid));
+    h.set_gid(u64::from(entry.gid));
+    h.set_mtime(entry.mtime.sec.max(0) as u64);
+    let link = entry.link.as_deref().map(String::from_utf8_lossy);
+    let kind = match entry.kind {
+        EntryKind::File => tar::EntryType::Regular,
+        EntryKind::Dir => tar::EntryType::Directory,
+        EntryKind::Symlink => tar::EntryType::Symlink,
+        EntryKind::Hardlink => tar::EntryType::Link,
+        EntryKind::CharDev => tar::EntryType::Char,
+        EntryKind::BlockDev => tar::EntryType::Block,
+        EntryKind::Fifo => tar::EntryType::Fifo,
+    };
+    h.set_entry_type(kind);
+    if matches!(entry.kind, EntryKind::CharDev | EntryKind::BlockDev) {
+        h.set_device_major(entry.rdev.0)?;
+        h.set_device_minor(entry.rdev.1)?;
+    }
+    match (entry.kind, link) {
+        (EntryKind::Symlink | EntryKind::Hardlink, Some(target)) => {
+            h.set_size(0);
+            b.append_link(&mut h, name, target.as_ref())?;
+        }
+        (EntryKind::File, _) => {
+            h.set_size(content.len() as u64);
+            b.append_data(&mut h, name, content)?;
+        }
+        _ => {
+            h.set_size(0);
+            b.append_data(&mut h, name, &[][..])?;
+        }
+    }
+    let mut bytes = b.into_inner()?;
+    // Drop the end-of-archive blocks that into_inner appends.
+    bytes.truncate(bytes.len() - 1024);
+    Ok(bytes)
+}
+
+/// The TOC as the Go writer serialises it: zero values left out (`omitempty`).
+#[derive(Serialize)]
+struct TocJson {
+    version: i64,
+    entries: Vec<TocOut>,
+}
+
+#[derive(Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct TocOut {
+    name: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    modtime: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    link_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dev_major: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dev_minor: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    xattrs: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunk_offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunk_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunk_digest: Option<String>,
+}
+
+impl TocOut {
+    fn new(name: &str, e: &Entry) -> Result<TocOut, WriteError> {
+        let nonzero = |v: u32| (v != 0).then_some(v);
+        let dev = matches!(e.kind, EntryKind::CharDev | EntryKind::BlockDev);
+        let modtime = match e.mtime.sec {
+            0 => None,
+            sec => Some(format_rfc3339(sec).ok_or_else(|| WriteError::Entry {
+                path: name.to_owned(),
+                reason: format!("mtime {sec} is outside the years 0 to 9999 RFC 3339 can write"),
+            })?),
+        };
+        let link_name = match e.link.as_deref() {
+            Some(l) => Some(utf8(&e.path, "the link target", l)?.to_owned()),
+            None => None,
+        };
+        let mut xattrs = BTreeMap::new();
+        for x in &e.xattrs {
+            let xname = utf8(&e.path, "an xattr name", &x.name)?;
+            let value = base64::engine::general_purpose::STANDARD.encode(&x.value);
+            xattrs.insert(xname.to_owned(), value);
+        }
+        Ok(TocOut {
+            name: name.to_owned(),
+            kind: TocEntryType::from(e.kind).as_str(),
+            modtime,
+            link_name,
+            mode: nonzero(e.mode & 0o7777),
+            uid: nonzero(e.uid),
+            gid: nonzero(e.gid),
+            dev_major: if dev { nonzero(e.rdev.0) } else { None },
+            dev_minor: if dev { nonzero(e.rdev.1) } else { None },
+            xattrs: (!xattrs.is_empty()).then_some(xattrs),
+            ..TocOut::default()
+        })
+    }
+
+    fn chunk(name: &str) -> TocOut {
+        TocOut {
+            name: name.to_owned(),
+            kind: TocEntryType::Chunk.as_str(),
+            ..TocOut::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::estargz::ChunkMap;
+    use crate::layer::estargz::testutil::*;
+    use crate::layer::index::{DataRef, Xattr};
+
+    #[test]
+    fn writer_round_trip() {
+        let input = sample();
+        let Written {
+            blob,
+            toc_digest,
+            diff_id,
+            ..
+        } = build(
+            &input,
+            &WriterOptions {
+                chunk_size: CHUNK,
+                ..WriterOptions::default()
+            },
+        )
+        .unwrap();
+        let (footer, toc, index, map) = open(&blob, Some(&toc_digest)).unwrap();
+        assert!(!footer.is_legacy());
+        assert_eq!(toc.digest, toc_digest);
+        assert_eq!(Digest::sha256(&gunzip_all(&blob)), diff_id);
+        assert!(toc.has_no_prefetch_landmark());
+        // The landmark comes first and takes id 0, as with the tar indexer.
+        assert_eq!(index, expected_index(&input, Some(0)));
+        assert_eq!(index, tar_index(&blob));
+
+        for ((e, content), got) in input.iter().zip(&index.entries) {
+            let Some(data) = got.data else { continue };
+            let chunks = map.chunks(data).unwrap();
+            assert_eq!(read_file(&blob, chunks).unwrap(), *content, "{:?}", e.path);
+            assert!(chunks.iter().all(|c| c.chunk_digest.is_some()));
+        }
+        assert_eq!(map.len(), 4);
+        let big = index.entries[2].data.unwrap();
+        let table: Vec<_> = map
+            .chunks(big)
+            .unwrap()
+            .iter()
+            .map(|c| (c.chunk_offset, c.chunk_size))
+            .collect();
+        assert_eq!(table, [(0, CHUNK), (CHUNK, CHUNK), (2 * CHUNK, 1000)]);
+
+        // Lookups by file position.
+        assert_eq!(map.chunk_at(big, 0).unwrap().chunk_offset, 0);
+        assert_eq!(map.chunk_at(big, CHUNK - 1).unwrap().chunk_offset, 0);
+        assert_eq!(map.chunk_at(big, CHUNK).unwrap().chunk_offset, CHUNK);
+        assert_eq!(
+            map.chunk_at(big, 2 * CHUNK + 999).unwrap().chunk_offset,
+            2 * CHUNK
+        );
+        assert!(map.chunk_at(big, 2 * CHUNK + 1000).is_none());
+        assert_eq!(map.chunks_in(big, 0..1).len(), 1);
+        assert_eq!(map.chunks_in(big, CHUNK - 1..CHUNK + 1).len(), 2);
+        assert_eq!(map.chunks_in(big, 0..u64::MAX).len(), 3);
+        assert_eq!(map.chunks_in(big, 5..5).len(), 0);
+        assert_eq!(map.chunks_in(big, 3 * CHUNK..4 * CHUNK).len(), 0);
+        assert!(
+            map.chunks(DataRef { id: 0 }).is_none(),
+            "the landmark has no chunks"
+        );
+
+        // The chunk map survives serialisation (for a cache index).
+        let json = serde_json::to_string(&map).unwrap();
+        assert_eq!(serde_json::from_str::<ChunkMap>(&json).unwrap(), map);
+    }
+
+    #[test]
+    fn writer_variants() {
+        let input = sample();
+        let legacy = build(
+            &input,
+            &WriterOptions {
+                chunk_size: CHUNK,
+                landmark: Landmark::None,
+                legacy_footer: true,
+            },
+        )
+        .unwrap();
+        let (footer, toc, index, _) = open(&legacy.blob, Some(&legacy.toc_digest)).unwrap();
+        assert_eq!((footer.size, footer.toc_offset), (47, legacy.toc_offset));
+        assert!(!toc.has_no_prefetch_landmark());
+        assert_eq!(toc.prefetch_landmark_offset(), None);
+        assert_eq!(index, expected_index(&input, None));
+        assert_eq!(index, tar_index(&legacy.blob));
+
+        // Prioritise the first three entries (root, dir, dir/big).
+        let opt = build(
+            &input,
+            &WriterOptions {
+                chunk_size: CHUNK,
+                landmark: Landmark::Prefetch { after: 3 },
+                legacy_footer: false,
+            },
+        )
+        .unwrap();
+        let (_, toc, index, map) = open(&opt.blob, Some(&opt.toc_digest)).unwrap();
+        let landmark = toc.prefetch_landmark_offset().unwrap();
+        assert!(!toc.has_no_prefetch_landmark());
+        assert_eq!(index, expected_index(&input, Some(3)));
+        assert_eq!(index, tar_index(&opt.blob));
+        for (data, chunks) in map.iter() {
+            let last = chunks.last().unwrap();
+            let in_region = last.offset + last.compressed_len <= landmark;
+            assert_eq!(in_region, data.id == 0, "{data:?}");
+        }
+    }
+
+    #[test]
+    fn writer_errors() {
+        let options = WriterOptions::default();
+        let zero = WriterOptions {
+            chunk_size: 0,
+            ..options
+        };
+        assert!(matches!(
+            Writer::new(Vec::new(), &zero),
+            Err(WriteError::ChunkSize)
+        ));
+        let mut far = entry("far", EntryKind::File, 0o644);
+        far.mtime.sec = 253_402_300_800; // 10000-01-01
+        let mut target = entry("link", EntryKind::Symlink, 0o777);
+        target.link = Some(b"\xff".to_vec());
+        let mut xattr_name = entry("x", EntryKind::Dir, 0o755);
+        xattr_name.xattrs = vec![Xattr {
+            name: b"user.\xff".to_vec(),
+            value: Vec::new(),
+        }];
+        let cases = [
+            (
+                Entry::new(b"a/\xff".to_vec(), EntryKind::File, 0o644),
+                "the name is not UTF-8",
+            ),
+            (far, "outside the years 0 to 9999"),
+            (target, "the link target is not UTF-8"),
+            (xattr_name, "an xattr name is not UTF-8"),
+            (entry("../up", EntryKind::File, 0o644), "cannot write"),
+        ];
+        for (e, want) in cases {
+            let path = String::from_utf8_lossy(&e.path).into_owned();
+            let err = build(&[(e, b"x".to_vec())], &options).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, WriteError::Entry { .. }), "{path}: {msg}");
+            assert!(msg.contains(want), "{path}: {msg}");
+        }
+    }
+
+    #[test]
+    fn streaming_writes_what_build_returns() {
+        let options = WriterOptions {
+            chunk_size: CHUNK,
+            landmark: Landmark::Prefetch { after: 100 },
+            legacy_footer: false,
+        };
+        let built = build(&sample(), &options).unwrap();
+        let mut w = Writer::new(io::Cursor::new(Vec::new()), &options).unwrap();
+        for (e, content) in &sample() {
+            w.append(e, content).unwrap();
+        }
+        let streamed = w.finish().unwrap();
+        assert_eq!(streamed.blob.into_inner(), built.blob);
+        assert_eq!(built.size, built.blob.len() as u64);
+        assert_eq!(
+            (streamed.toc_digest, streamed.diff_id, streamed.toc_offset),
+            (built.toc_digest, built.diff_id, built.toc_offset)
+        );
+        // A landmark after more entries than there are ends the layer.
+        let (_, toc, _, _) = open(&built.blob, None).unwrap();
+        let last = toc.entries.last().unwrap();
+        assert_eq!(last.name, PREFETCH_LANDMARK);
+    }
+}
