@@ -578,7 +578,13 @@ async fn convert_schema1(
         let source = source.clone();
         async move {
             ctx.store
-                .ensure_layer_of_blob(source, blob, ctx.limits, 4, Arc::new(|_| {}))
+                .ensure_layer_of_blob(
+                    source,
+                    blob,
+                    ctx.limits,
+                    super::pull::layer_retry(),
+                    Arc::new(|_| {}),
+                )
                 .await
                 .map(|found| (blob.clone(), found))
                 .with_context(|| format!("layer {blob}"))

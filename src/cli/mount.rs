@@ -535,7 +535,7 @@ impl ImageBackend {
     /// already, and its footer and TOC are usable (else it is fetched whole).
     async fn lazy_layers(&self) -> anyhow::Result<Vec<Option<Arc<LazyLayer>>>> {
         let layers = &self.resolved.manifest.layers;
-        let attempts = layers.iter().zip(&self.diff_ids).map(|(desc, diff_id)| async move {
+        let probes = layers.iter().zip(&self.diff_ids).map(|(desc, diff_id)| async move {
             if self.store.has_layer(diff_id) {
                 return Ok(None);
             }
@@ -576,7 +576,7 @@ impl ImageBackend {
             }
             anyhow::Ok(l.map(Arc::new))
         });
-        futures_util::future::try_join_all(attempts).await
+        futures_util::future::try_join_all(probes).await
     }
 
     fn lazy_layer(&self, layer: u32) -> Option<&Arc<LazyLayer>> {

@@ -3,12 +3,14 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
 
 use super::common::{self, Context, RegistrySource, Resolved};
 use super::progress::Reporter;
+use crate::retry::RetryPolicy;
 use crate::store::{BlobSource, LayerJob, Store};
 
 #[derive(Debug, Args)]
@@ -34,6 +36,17 @@ pub async fn run(ctx: &Context, args: PullArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How a layer download is resumed: 4 attempts, 400 ms doubling (jittered), no deadline
+/// (an attempt is retried only after it made progress, see [`LayerJob::retry`]).
+pub fn layer_retry() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 4,
+        first_backoff: Duration::from_millis(400),
+        max_backoff: Duration::from_millis(6400),
+        ..RetryPolicy::default()
+    }
+}
+
 /// The jobs for every layer of `resolved`, base first.
 pub fn layer_jobs(resolved: &Resolved) -> anyhow::Result<Vec<LayerJob>> {
     resolved
@@ -50,7 +63,7 @@ pub fn layer_jobs(resolved: &Resolved) -> anyhow::Result<Vec<LayerJob>> {
                     .compression()
                     .with_context(|| format!("layer {}", desc.digest))?,
                 limits: resolved.limits,
-                attempts: 4,
+                retry: layer_retry(),
             })
         })
         .collect()
