@@ -661,7 +661,7 @@ mod tests {
         (gz, digest, diff_id)
     }
 
-    /// Three attempts, as a pull's but quicker.
+    /// Three attempts (a pull makes four: `cli::pull::layer_retry`).
     fn resume_policy() -> RetryPolicy {
         RetryPolicy {
             attempts: 3,
