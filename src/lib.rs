@@ -24,4 +24,5 @@ pub mod oci;
 pub mod overlay;
 pub mod reference;
 pub mod registry;
+pub mod retry;
 pub mod store;

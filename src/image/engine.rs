@@ -55,6 +55,17 @@ pub struct ServeOptions {
     pub cache_max: Option<u64>,
 }
 
+/// How a layer download is resumed: 4 attempts, 400 ms doubling (jittered), no deadline (an
+/// attempt is retried only after it made progress, see [`LayerJob::retry`]).
+pub fn layer_retry() -> crate::retry::RetryPolicy {
+    crate::retry::RetryPolicy {
+        attempts: 4,
+        first_backoff: std::time::Duration::from_millis(400),
+        max_backoff: std::time::Duration::from_millis(6400),
+        ..crate::retry::RetryPolicy::default()
+    }
+}
+
 /// The jobs for every layer of `resolved`, base first.
 pub fn layer_jobs(resolved: &Resolved) -> Result<Vec<LayerJob>, Error> {
     resolved
@@ -72,7 +83,7 @@ pub fn layer_jobs(resolved: &Resolved) -> Result<Vec<LayerJob>, Error> {
                     source,
                 })?,
                 limits: resolved.limits,
-                attempts: 4,
+                retry: layer_retry(),
             })
         })
         .collect()
@@ -315,11 +326,11 @@ impl MountedImage {
     /// already, and its footer and TOC are usable (else it is fetched whole).
     async fn lazy_layers(&self) -> Result<Vec<Option<Arc<LazyLayer>>>, Error> {
         let layers = &self.resolved.manifest.layers;
-        let attempts = layers
+        let probes = layers
             .iter()
             .zip(self.diff_ids())
             .map(|(desc, diff_id)| self.lazy_layer_of(desc, diff_id));
-        futures_util::future::try_join_all(attempts).await
+        futures_util::future::try_join_all(probes).await
     }
 
     async fn lazy_layer_of(

@@ -388,7 +388,13 @@ impl Resolver {
             let source = source.clone();
             async move {
                 self.store
-                    .ensure_layer_of_blob(source, blob, self.limits, 4, Arc::new(|_| {}))
+                    .ensure_layer_of_blob(
+                        source,
+                        blob,
+                        self.limits,
+                        super::engine::layer_retry(),
+                        Arc::new(|_| {}),
+                    )
                     .await
                     .map(|found| (blob.clone(), found))
                     .map_err(|source| Error::Layer {

@@ -1,5 +1,6 @@
-//! The [`Client`]: one request loop that picks the URL scheme, authenticates, retries what is
-//! transient and maps failures to [`Error`]; and the four operations built on it.
+//! The [`Client`]: one request attempt that picks the URL scheme, authenticates and maps
+//! failures to [`Error`], wrapped in the crate's [`RetryPolicy`] (mirrors get one attempt
+//! each); and the four operations built on it.
 //!
 //! Endpoints (distribution-spec "Pull"): `GET /v2/` (ping), `GET /v2/<name>/manifests/<ref>`,
 //! `GET /v2/<name>/blobs/<digest>` (with `Range: bytes=…`, answered 206 with
@@ -10,20 +11,22 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt as _;
 use reqwest::header::{
-    ACCEPT, AUTHORIZATION, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, HeaderValue, RANGE, RETRY_AFTER,
+    ACCEPT, AUTHORIZATION, CONTENT_RANGE, CONTENT_TYPE, HeaderValue, RANGE, RETRY_AFTER,
     WWW_AUTHENTICATE,
 };
 use reqwest::{Response, StatusCode};
 
 use crate::oci::media::{DOCKER_SCHEMA1_MANIFEST, DOCKER_SCHEMA1_SIGNED_MANIFEST, MANIFEST_ACCEPT};
 use crate::oci::{Digest, schema1};
+use crate::retry::{self, RetryPolicy, Verdict};
 
 use super::auth::{self, Scheme, Token, TokenResponse};
 use super::credentials::{self, Identity, Secret};
@@ -34,10 +37,6 @@ use super::{BlobStream, ClientConfig, ManifestResponse};
 const MANIFEST_MAX: u64 = 8 << 20;
 /// Error bodies and token responses are small; read no more of them.
 const SMALL_BODY_MAX: u64 = 1 << 20;
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// A longer `Retry-After` is not waited for: the error is reported instead.
-const RETRY_AFTER_MAX: Duration = Duration::from_secs(30);
 const OAUTH_CLIENT_ID: &str = "imagefs";
 const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 
@@ -75,6 +74,8 @@ pub struct Client {
 struct Inner {
     http: reqwest::Client,
     config: ClientConfig,
+    /// `config.max_retries` retries, while the first attempt is younger than `config.timeout`.
+    retry: RetryPolicy,
     manifest_accept: HeaderValue,
     // The std mutexes below guard small maps, are held for a lookup or an insert and never
     // across an `.await`.
@@ -232,6 +233,14 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
+                retry: RetryPolicy {
+                    attempts: config.max_retries.saturating_add(1),
+                    // Against a host that has gone silent (no RST) every attempt waits out the
+                    // connect timeout, and a FUSE read must fail within about one timeout, not
+                    // five: no retry once the first attempt is older than the timeout.
+                    deadline: Some(config.timeout),
+                    ..RetryPolicy::default()
+                },
                 config,
                 manifest_accept: HeaderValue::from_str(&accept).expect("media types are ASCII"),
                 schemes: Mutex::default(),
@@ -452,11 +461,11 @@ impl Client {
         }
     }
 
-    /// A whole small body; a body that breaks off is fetched again like any transient error.
+    /// A whole small body; a body that breaks off is fetched again like any transient error
+    /// (the read is part of the attempt).
     async fn fetch_whole(&self, call: &Call, limit: u64) -> Result<Whole, Error> {
-        let mut attempt = 0;
-        loop {
-            let (response, url) = self.send(call).await?;
+        let timeout = self.inner.config.timeout;
+        self.send_then(call, |response: Response, url: String| async move {
             let header = |name: &str| {
                 response
                     .headers()
@@ -466,29 +475,31 @@ impl Client {
             };
             let content_type = header(CONTENT_TYPE.as_str());
             let content_digest = header(DOCKER_CONTENT_DIGEST);
-            match read_body(response, &url, limit, self.inner.config.timeout).await {
-                Ok(bytes) => {
-                    return Ok(Whole {
-                        bytes,
-                        url,
-                        content_type,
-                        content_digest,
-                    });
-                }
-                Err(e) if e.is_transient() && attempt < self.inner.config.max_retries => {
-                    tracing::debug!(%url, error = %e, attempt, "body broke off, retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+            let bytes = read_body(response, &url, limit, timeout).await?;
+            Ok(Whole {
+                bytes,
+                url,
+                content_type,
+                content_digest,
+            })
+        })
+        .await
     }
 
-    /// Send `call` to the mirrors of its registry, in order, then to the registry itself;
-    /// the first success wins. A mirror's failure is logged and skipped; the registry's is
-    /// the error.
+    /// [`send_then`](Self::send_then) with nothing more to do than getting the response.
     async fn send(&self, call: &Call) -> Result<(Response, String), Error> {
+        self.send_then(call, |response, url| async move { Ok((response, url)) })
+            .await
+    }
+
+    /// Attempt `call` and then `then` with its response on the mirrors of its registry, in
+    /// order, one attempt each, then on the registry itself under the retry policy; the first
+    /// success wins. A mirror's failure is logged and skipped; the registry's is the error.
+    async fn send_then<T, F, Fut>(&self, call: &Call, then: F) -> Result<T, Error>
+    where
+        F: Fn(Response, String) -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
         for m in self
             .inner
             .config
@@ -507,44 +518,44 @@ impl Client {
             });
             // One attempt per mirror, as containerd does: a dead mirror must not cost the
             // origin's whole retry budget.
-            match self.send_to(&via, 0).await {
+            match self.attempt_then(&via, &then).await {
                 Ok(ok) => return Ok(ok),
-                Err(e) => tracing::warn!(
+                Err(Failed { error, .. }) => tracing::warn!(
                     mirror = %m.host,
                     registry = %call.registry,
-                    "mirror failed, trying the next source: {e}"
+                    "mirror failed, trying the next source: {error}"
                 ),
             }
         }
-        self.send_to(call, self.inner.config.max_retries).await
+        self.inner
+            .retry
+            .run(|_| self.attempt_then(call, &then), |f| f.verdict)
+            .await
+            .map_err(|f| f.error)
     }
 
-    /// Send `call` until it succeeds (2xx, redirects followed) or fails for good:
-    /// authenticates on 401 (once per call), retries connection errors, 429 and 5xx.
-    async fn send_to(&self, call: &Call, max_retries: u32) -> Result<(Response, String), Error> {
+    async fn attempt_then<T, F, Fut>(&self, call: &Call, then: &F) -> Result<T, Failed>
+    where
+        F: Fn(Response, String) -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        let (response, url) = self.attempt(call).await?;
+        Ok(then(response, url).await?)
+    }
+
+    /// One attempt at `call` on its host: authenticate (answering a 401 with fresh
+    /// credentials once), send, and turn anything but a 2xx (redirects followed) into the
+    /// error, said to be transient for connection errors, 429 and 5xx.
+    async fn attempt(&self, call: &Call) -> Result<(Response, String), Failed> {
         let scope = auth::pull_scope(call.repository.as_deref());
-        let mut attempt = 0;
         let mut reauthenticated = false;
-        // Connection failures are retried only while the first attempt is younger than
-        // `timeout`: against a host that has gone silent (no RST), every attempt waits out the
-        // connect timeout, and a FUSE read must fail within about one timeout, not five.
-        let started = std::time::Instant::now();
         loop {
-            let sent = self.authorization(call, scope.as_deref()).await?;
-            let (response, url) = match self.send_once(call, sent.header.clone()).await {
-                Ok(ok) => ok,
-                Err(e)
-                    if e.is_transient()
-                        && attempt < max_retries
-                        && started.elapsed() < self.inner.config.timeout =>
-                {
-                    tracing::debug!(error = %e, attempt, "retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
+            // A token fetch retries on its own: its failure is final here.
+            let sent = self
+                .authorization(call, scope.as_deref())
+                .await
+                .map_err(Failed::permanent)?;
+            let (response, url) = self.send_once(call, sent.header.clone()).await?;
             let status = response.status();
             tracing::debug!(%url, %status, "registry response");
             if status.is_success() {
@@ -569,7 +580,7 @@ impl Client {
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or_default()
                             .to_owned();
-                        return Err(Error::UnsupportedAuth { url, challenge });
+                        return Err(Error::UnsupportedAuth { url, challenge }.into());
                     }
                     None => {}
                 }
@@ -582,7 +593,7 @@ impl Client {
                 }
                 let envelope = read_envelope(response).await;
                 if envelope.has_code("DENIED") {
-                    return Err(errors::from_status(&url, status, envelope, &call.subject));
+                    return Err(errors::from_status(&url, status, envelope, &call.subject).into());
                 }
                 let name = call.subject.name().to_owned();
                 return Err(match self.identity(&call.registry).await {
@@ -591,38 +602,10 @@ impl Client {
                         identity: identity.describe(),
                     },
                     None => Error::AuthenticationRequired { name },
-                });
+                }
+                .into());
             }
-            if let Some(delay) = self.retry_delay(status, response.headers(), attempt) {
-                tracing::debug!(%url, %status, ?delay, attempt, "retrying");
-                drop(response);
-                tokio::time::sleep(delay).await;
-                attempt += 1;
-                continue;
-            }
-            let envelope = read_envelope(response).await;
-            return Err(errors::from_status(&url, status, envelope, &call.subject));
-        }
-    }
-
-    /// How long to wait before retrying a response of `status`, `None` for no retry.
-    fn retry_delay(
-        &self,
-        status: StatusCode,
-        headers: &HeaderMap,
-        attempt: u32,
-    ) -> Option<Duration> {
-        if !errors::is_transient_status(status) || attempt >= self.inner.config.max_retries {
-            return None;
-        }
-        match headers
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after)
-        {
-            Some(wait) if wait > RETRY_AFTER_MAX => None,
-            Some(wait) => Some(wait),
-            None => Some(backoff(attempt)),
+            return Err(Failed::status(response, &url, &call.subject).await);
         }
     }
 
@@ -810,10 +793,11 @@ impl Client {
             }
         }
         let shown = url.to_string();
-        let max_retries = self.inner.config.max_retries;
         let timeout = self.inner.config.timeout;
-        let mut attempt = 0;
-        let response = loop {
+        let subject = Subject::Other {
+            name: call.subject.name().to_owned(),
+        };
+        let attempt = || async {
             let request = match &refresh_token {
                 Some(refresh) => {
                     let mut form = vec![
@@ -839,26 +823,22 @@ impl Client {
                     }
                 }
             };
-            match request.send().await {
-                Ok(response) => {
-                    match self.retry_delay(response.status(), response.headers(), attempt) {
-                        Some(delay) => {
-                            tokio::time::sleep(delay).await;
-                            attempt += 1;
-                        }
-                        None => break response,
-                    }
-                }
-                Err(e) => {
-                    let e = errors::from_reqwest(&shown, &e, timeout);
-                    if !e.is_transient() || attempt >= max_retries {
-                        return Err(e);
-                    }
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                }
+            let response = request
+                .send()
+                .await
+                .map_err(|e| errors::from_reqwest(&shown, &e, timeout))?;
+            // Any other answer is dealt with below, once.
+            if !errors::is_transient_status(response.status()) {
+                return Ok(response);
             }
+            Err(Failed::status(response, &shown, &subject).await)
         };
+        let response = self
+            .inner
+            .retry
+            .run(|_| attempt(), |f: &Failed| f.verdict)
+            .await
+            .map_err(|f| f.error)?;
         let status = response.status();
         tracing::debug!(url = %shown, %status, "token response");
         let name = call.subject.name().to_owned();
@@ -873,7 +853,6 @@ impl Client {
         }
         if !status.is_success() {
             let envelope = read_envelope(response).await;
-            let subject = Subject::Other { name };
             return Err(errors::from_status(&shown, status, envelope, &subject));
         }
         let body = read_body(response, &shown, SMALL_BODY_MAX, timeout).await?;
@@ -948,17 +927,61 @@ fn basic_header(username: &str, password: &Secret) -> HeaderValue {
     header
 }
 
-/// Exponential backoff: 100 ms, 200 ms, 400 ms, … capped at 5 s.
-fn backoff(attempt: u32) -> Duration {
-    BACKOFF_FIRST
-        .saturating_mul(1 << attempt.min(16))
-        .min(BACKOFF_MAX)
+/// A failed attempt and what it means for the next one.
+struct Failed {
+    error: Error,
+    verdict: Verdict,
 }
 
-/// `Retry-After` in seconds (RFC 9110 §10.2.3); the HTTP-date form is not used by
-/// registries in practice and falls back to our own backoff.
-fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+impl Failed {
+    /// Not worth another attempt, whatever the error says (it was retried already).
+    fn permanent(error: Error) -> Failed {
+        Failed {
+            error,
+            verdict: Verdict::Permanent,
+        }
+    }
+
+    /// The error for a response of a status other than 2xx and 401; transient for 429 and
+    /// 5xx, with the wait the registry asked for in `Retry-After` if any.
+    async fn status(response: Response, url: &str, subject: &Subject) -> Failed {
+        let status = response.status();
+        let verdict = if !errors::is_transient_status(status) {
+            Verdict::Permanent
+        } else {
+            match response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry::retry_after(v, SystemTime::now()))
+            {
+                Some(wait) => Verdict::RetryAfter(wait),
+                None => Verdict::Transient,
+            }
+        };
+        let envelope = read_envelope(response).await;
+        Failed {
+            error: errors::from_status(url, status, envelope, subject),
+            verdict,
+        }
+    }
+}
+
+impl From<Error> for Failed {
+    fn from(error: Error) -> Failed {
+        let verdict = if error.is_transient() {
+            Verdict::Transient
+        } else {
+            Verdict::Permanent
+        };
+        Failed { error, verdict }
+    }
+}
+
+impl fmt::Display for Failed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
 }
 
 /// `bytes FIRST-LAST/TOTAL` (TOTAL may be `*`) → (first, last, total).
@@ -1079,36 +1102,6 @@ mod tests {
         for (value, want) in cases {
             assert_eq!(parse_content_range(value), want, "{value:?}");
         }
-    }
-
-    #[test]
-    fn retry_after_and_backoff() {
-        let cases = [
-            ("1", Some(Duration::from_secs(1))),
-            (" 30 ", Some(Duration::from_secs(30))),
-            ("Wed, 21 Oct 2015 07:28:00 GMT", None),
-            ("-1", None),
-            ("", None),
-        ];
-        for (value, want) in cases {
-            assert_eq!(parse_retry_after(value), want, "{value:?}");
-        }
-        let ms = Duration::from_millis;
-        let backoffs: Vec<Duration> = (0..8).map(backoff).collect();
-        assert_eq!(
-            backoffs,
-            [
-                ms(100),
-                ms(200),
-                ms(400),
-                ms(800),
-                ms(1600),
-                ms(3200),
-                ms(5000),
-                ms(5000)
-            ]
-        );
-        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
     }
 
     #[test]

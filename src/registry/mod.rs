@@ -12,7 +12,7 @@
 //! - [`auth`]: challenge parsing and token lifetimes (the Bearer flow is described there).
 //! - [`credentials`]: [`Secret`], [`Credentials`] and the docker config lookup.
 //! - [`errors`]: [`Error`] and the registry's error envelope.
-//! - `client`: the [`Client`] and its request loop.
+//! - `client`: the [`Client`]: one attempt per request, wrapped in [`crate::retry`]'s policy.
 
 pub mod auth;
 mod client;
@@ -52,7 +52,8 @@ pub struct ClientConfig {
     /// The docker config file; `None` is Docker's default ([`default_docker_config`]).
     pub docker_config: Option<PathBuf>,
     pub user_agent: String,
-    /// Retries after the first attempt, on connection errors, 429 and 5xx.
+    /// Retries after the first attempt, on connection errors, 429 and 5xx, started only while
+    /// the first attempt is younger than `timeout` ([`crate::retry::RetryPolicy`]).
     pub max_retries: u32,
     /// Pull mirrors, tried in order before the registry itself (see [`Mirror`]).
     pub mirrors: Vec<Mirror>,

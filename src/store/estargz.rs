@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::{SourceError, Store, StoreError, io_err};
+use super::{LayerFault, SourceError, Store, StoreError, io_err};
 use crate::layer::estargz::{
     self, ChunkMap, EstargzError, FOOTER_SIZE, decode_chunk, parse_footer, parse_toc_member,
 };
@@ -214,7 +214,7 @@ impl Store {
             Err(e @ EstargzError::TocDigestMismatch { .. }) => {
                 return Err(StoreError::Layer {
                     digest: blob.clone(),
-                    message: e.to_string(),
+                    source: LayerFault::Toc(e),
                 });
             }
             Err(e) => return not_estargz(e),
@@ -316,7 +316,7 @@ impl LazyLayer {
     pub fn data_file(&self, data: DataRef) -> Result<File, StoreError> {
         let size = self.file_size(data).ok_or_else(|| StoreError::Layer {
             digest: self.digest.clone(),
-            message: format!("no file with data id {} in the TOC", data.id),
+            source: LayerFault::Invalid(format!("no file with data id {} in the TOC", data.id)),
         })?;
         let path = self.data_path(data);
         let f = OpenOptions::new()
@@ -408,12 +408,12 @@ impl LazyLayer {
         if bytes.len() as u64 != span.end - span.start {
             return Err(StoreError::Layer {
                 digest: self.digest.clone(),
-                message: format!(
+                source: LayerFault::Invalid(format!(
                     "asked for bytes {}..{}, got {}",
                     span.start,
                     span.end,
                     bytes.len()
-                ),
+                )),
             });
         }
         Ok(bytes)
@@ -427,7 +427,11 @@ impl LazyLayer {
         let c = &self.chunks.chunks(data).unwrap_or_default()[n as usize];
         let plain = decode_chunk(compressed, c).map_err(|e| StoreError::Layer {
             digest: self.digest.clone(),
-            message: format!("file {} chunk {n}: {e}", data.id),
+            source: LayerFault::Chunk {
+                file: data.id,
+                chunk: n,
+                source: e,
+            },
         })?;
         self.write_chunk(data, n, &plain)
     }
@@ -554,7 +558,10 @@ impl LazyLayer {
                 .read_exact_at(&mut plain, c.chunk_offset)
                 .map_err(|e| StoreError::Layer {
                     digest: self.digest.clone(),
-                    message: format!("reading file {} of the extracted layer: {e}", data.id),
+                    source: LayerFault::ExtractedRead {
+                        file: data.id,
+                        source: e,
+                    },
                 })?;
             self.write_chunk(data, n, &plain)?;
         }

@@ -87,14 +87,48 @@ pub enum StoreError {
         #[source]
         source: SourceError,
     },
-    #[error("layer {digest}: {message}")]
-    Layer { digest: Digest, message: String },
+    #[error("layer {digest}: {source}")]
+    Layer {
+        digest: Digest,
+        #[source]
+        source: LayerFault,
+    },
     #[error("{} is corrupt: {message}; run `imagefs cache verify` or remove it", path.display())]
     Corrupt { path: PathBuf, message: String },
     #[error("{what} {digest} is not in the cache")]
     Missing { what: &'static str, digest: Digest },
     #[error(transparent)]
     Untrusted(Box<Untrusted>),
+}
+
+/// What is wrong with a layer's content, or with what was served for it.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerFault {
+    /// The tar stream (also: writing what it holds).
+    #[error(transparent)]
+    Tar(#[from] crate::layer::tar::TarError),
+    /// Reading the compressed stream: bad compression, a decompression bomb.
+    #[error(transparent)]
+    Decode(io::Error),
+    /// The eStargz TOC.
+    #[error(transparent)]
+    Toc(crate::layer::estargz::EstargzError),
+    #[error("file {file} chunk {chunk}: {source}")]
+    Chunk {
+        file: u32,
+        chunk: u32,
+        #[source]
+        source: crate::layer::estargz::EstargzError,
+    },
+    #[error("reading file {file} of the extracted layer: {source}")]
+    ExtractedRead {
+        file: u32,
+        #[source]
+        source: io::Error,
+    },
+    /// Inconsistent with itself or with what was asked for; no underlying error.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {

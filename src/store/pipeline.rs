@@ -15,15 +15,17 @@ use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use tokio_util::io::{StreamReader, SyncIoBridge};
 
-use super::{Store, StoreError, io_err};
+use super::{LayerFault, Store, StoreError, io_err};
 use crate::layer::decompress::{self, Limits};
 use crate::layer::tar::index_layer;
 use crate::oci::{Compression, Digest, Hasher};
+use crate::retry::{RetryPolicy, Verdict};
 
 /// Error from a [`BlobSource`], kept as the source's own error (its Display says what
 /// happened and what to do).
@@ -79,8 +81,10 @@ pub struct LayerJob {
     pub diff_id: Digest,
     pub compression: Compression,
     pub limits: Limits,
-    /// Attempts for transient (network) failures; the partial download is kept between them.
-    pub attempts: u32,
+    /// Resuming after a transient (network) failure; the partial download is kept between
+    /// attempts, and an attempt that got no byte is not retried (the source already spent
+    /// its own retries on reaching the registry).
+    pub retry: RetryPolicy,
 }
 
 /// What a layer blob turned out to hold, found by [`Store::ensure_layer_of_blob`].
@@ -101,7 +105,7 @@ struct Target {
     /// `None`: told by the blob's first bytes (gzip, zstd, else plain tar).
     compression: Option<Compression>,
     limits: Limits,
-    attempts: u32,
+    retry: RetryPolicy,
 }
 
 type Progress = Arc<dyn Fn(LayerEvent) + Send + Sync>;
@@ -132,7 +136,7 @@ impl Store {
             diff_id: Some(job.diff_id.clone()),
             compression: Some(job.compression),
             limits: job.limits,
-            attempts: job.attempts,
+            retry: job.retry.clone(),
         };
         self.fetch_with_retries(&source, &target, &progress)
             .await
@@ -149,7 +153,7 @@ impl Store {
         source: Arc<dyn BlobSource>,
         digest: &Digest,
         limits: Limits,
-        attempts: u32,
+        retry: RetryPolicy,
         progress: Progress,
     ) -> Result<FoundLayer, StoreError> {
         let target = Target {
@@ -158,7 +162,7 @@ impl Store {
             diff_id: None,
             compression: None,
             limits,
-            attempts,
+            retry,
         };
         self.fetch_with_retries(&source, &target, &progress).await
     }
@@ -186,30 +190,38 @@ impl Store {
             // could not resume: start afresh. Resuming within this call still works.
             let _ = fs::remove_file(self.partial_path(&job.digest));
         }
-        let mut attempt = 0;
         let partial_len = || fs::metadata(self.partial_path(&job.digest)).map_or(0, |m| m.len());
-        loop {
-            attempt += 1;
-            let before = partial_len();
-            match self.fetch_once(source, job, progress).await {
-                Ok(found) => {
-                    progress(LayerEvent::Done);
-                    return Ok(found);
-                }
-                // Resume only after progress: an attempt that got no byte failed to reach the
-                // registry, and the client already spent its retries (and its timeout) on that.
-                Err(Failure::Transient(e)) if attempt < job.attempts && partial_len() > before => {
+        let found = job
+            .retry
+            .run_observed(
+                |_| async {
+                    let before = partial_len();
+                    self.fetch_once(source, job, progress)
+                        .await
+                        .map_err(|failure| match failure {
+                            // Resume only after progress: an attempt that got no byte failed to
+                            // reach the registry, and the client already spent its retries (and
+                            // its timeout) on that.
+                            Failure::Transient(e) if partial_len() <= before => Failure::Final(e),
+                            failure => failure,
+                        })
+                },
+                |failure| match failure {
+                    Failure::Transient(_) => Verdict::Transient,
+                    Failure::Final(_) => Verdict::Permanent,
+                },
+                |failure, attempt, _| {
                     progress(LayerEvent::Retrying {
                         attempt,
-                        reason: e.to_string(),
+                        reason: failure.to_string(),
                     });
-                    tracing::warn!(digest = %job.digest, attempt, "layer fetch failed, resuming: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(200 << attempt.min(5)))
-                        .await;
-                }
-                Err(Failure::Transient(e) | Failure::Final(e)) => return Err(e),
-            }
-        }
+                    tracing::warn!(digest = %job.digest, attempt, "layer fetch failed, resuming: {failure}");
+                },
+            )
+            .await
+            .map_err(Failure::into_error)?;
+        progress(LayerEvent::Done);
+        Ok(found)
     }
 
     async fn fetch_once(
@@ -246,10 +258,10 @@ impl Store {
                     if b.start != 0 {
                         return Err(Failure::Final(StoreError::Layer {
                             digest: job.digest.clone(),
-                            message: format!(
+                            source: LayerFault::Invalid(format!(
                                 "asked for bytes from {resumed}, the registry sent from {}",
                                 b.start
-                            ),
+                            )),
                         }));
                     }
                     resumed = 0;
@@ -289,6 +301,10 @@ impl Store {
         let partial = self.partial_path(&job.digest);
         let fin = |e: StoreError| Failure::Final(e);
 
+        // The source's error, if the network side failed: the decoders see only an io::Error
+        // standing for it, and whatever they make of it, this says the cause was the source
+        // (worth resuming), with the source's own error.
+        let source_failed: SourceFailed = Arc::default();
         // Compressed input: the local blob, or the partial prefix followed by the network.
         let input: Box<dyn Read + Send> = if have_blob {
             Box::new(File::open(&blob_path).map_err(|e| fin(io_err(&blob_path)(e)))?)
@@ -299,21 +315,29 @@ impl Store {
                 .append(true)
                 .open(&partial)
                 .map_err(|e| fin(io_err(&partial)(e)))?;
-            let net = NetReader {
-                stream: body,
-                handle,
-                buf: Bytes::new(),
-                tee,
-                error: None,
-            };
-            Box::new(prefix.chain(net))
+            let slot = source_failed.clone();
+            let stream = body
+                .unwrap_or_else(|| Box::pin(futures_util::stream::empty()))
+                .map(move |item| {
+                    item.map_err(|e| {
+                        let shown = io::Error::other(e.to_string());
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        shown
+                    })
+                });
+            let net = SyncIoBridge::new_with_handle(StreamReader::new(stream), handle);
+            Box::new(prefix.chain(Tee { inner: net, tee }))
         };
         let mut compressed = Hashing::new(input, job.digest.hasher(), progress.clone());
 
-        let tmp = self.temp_path("layer");
-        let data_dir = tmp.join("data");
-        fs::create_dir_all(&data_dir).map_err(|e| fin(io_err(&data_dir)(e)))?;
-        let cleanup = TempDir(tmp.clone());
+        // Named `layer-PID-…` like every temporary of the store, so that a crashed process's
+        // leftover is recognised (`Store::open`); removed on drop unless kept.
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("layer-{}-", std::process::id()))
+            .tempdir_in(self.root.join("tmp"))
+            .map_err(|e| fin(io_err(&self.root.join("tmp"))(e)))?;
+        let data_dir = tmp.path().join("data");
+        fs::create_dir(&data_dir).map_err(|e| fin(io_err(&data_dir)(e)))?;
 
         let mut compression = job.compression;
         let result =
@@ -341,7 +365,7 @@ impl Store {
                     Err(e) => {
                         return Ok(Err(StoreError::Layer {
                             digest: job.digest.clone(),
-                            message: e.to_string(),
+                            source: e.into(),
                         }));
                     }
                 };
@@ -356,7 +380,7 @@ impl Store {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => return Err(self.data_failure(&mut compressed, job, e)),
             Err(e) => {
-                return Err(match classify(job, e) {
+                return Err(match classify(job, &source_failed, e) {
                     Failure::Final(e) => self.data_failure(&mut compressed, job, e),
                     transient => transient,
                 });
@@ -364,7 +388,7 @@ impl Store {
         };
         // Drain the compressed side so the whole blob is hashed (decoders may stop early).
         if let Err(e) = io::copy(&mut compressed, &mut io::sink()) {
-            return Err(classify(job, e));
+            return Err(classify(job, &source_failed, e));
         }
         let blob_size = compressed.count;
         let blob_digest = compressed.hasher.take().expect("hasher").finish();
@@ -411,18 +435,18 @@ impl Store {
             return Ok(found);
         }
 
-        let index_path = tmp.join("index.json");
+        let index_path = tmp.path().join("index.json");
         let json = serde_json::to_vec(&index).expect("index serialises");
         fs::write(&index_path, json).map_err(|e| fin(io_err(&index_path)(e)))?;
         let dest = self.layer_dir(&found.diff_id);
+        let tmp = tmp.keep();
         if let Err(e) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_dir_all(&tmp);
             // Renamed into place by a concurrent extraction of the same layer just now.
             if !self.has_layer(&found.diff_id) {
                 return Err(fin(io_err(&dest)(e)));
             }
-            return Ok(found);
         }
-        std::mem::forget(cleanup);
         Ok(found)
     }
 }
@@ -472,83 +496,60 @@ impl Store {
     }
 }
 
-/// Whether an I/O failure while streaming came from the network (worth resuming) or from
-/// the data itself (bad gzip, bad tar: final).
-fn classify(job: &Target, e: io::Error) -> Failure {
-    if let Some(net) = e.get_ref().and_then(|i| i.downcast_ref::<NetError>()) {
-        return Failure::Transient(StoreError::Source {
+/// The source's error, set when the blob stream failed (see `extract_blocking`).
+type SourceFailed = Arc<Mutex<Option<SourceError>>>;
+
+/// Whether an I/O failure while streaming came from the source (worth resuming: the source's
+/// error) or from the data itself (bad gzip, bad tar: final).
+fn classify(job: &Target, source_failed: &SourceFailed, e: io::Error) -> Failure {
+    match source_failed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        Some(source) => Failure::Transient(StoreError::Source {
             digest: job.digest.clone(),
-            source: net.0.to_string().into(),
-        });
+            source,
+        }),
+        None => Failure::Final(StoreError::Layer {
+            digest: job.digest.clone(),
+            source: LayerFault::Decode(e),
+        }),
     }
-    Failure::Final(StoreError::Layer {
-        digest: job.digest.clone(),
-        message: e.to_string(),
-    })
 }
 
+/// A failed attempt: worth resuming (`Transient`) or not.
 enum Failure {
     Transient(StoreError),
     Final(StoreError),
 }
 
-/// Removes an extraction directory unless forgotten (on success it was renamed away).
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+impl Failure {
+    fn into_error(self) -> StoreError {
+        match self {
+            Failure::Transient(e) | Failure::Final(e) => e,
+        }
     }
 }
 
-#[derive(Debug)]
-struct NetError(String);
-
-impl std::fmt::Display for NetError {
+impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        let (Failure::Transient(e) | Failure::Final(e)) = self;
+        e.fmt(f)
     }
 }
 
-impl std::error::Error for NetError {}
-
-/// Reads a blob body stream from a blocking thread, appending every byte to the partial file
-/// (so a later attempt can resume) before handing it on.
-struct NetReader {
-    stream: Option<ByteStream>,
-    handle: tokio::runtime::Handle,
-    buf: Bytes,
+/// Appends every byte read from the network to the partial file (so a later attempt can
+/// resume) before handing it on.
+struct Tee<R> {
+    inner: R,
     tee: File,
-    error: Option<String>,
 }
 
-impl Read for NetReader {
+impl<R: Read> Read for Tee<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if let Some(e) = &self.error {
-            return Err(io::Error::other(NetError(e.clone())));
-        }
-        while self.buf.is_empty() {
-            let Some(stream) = self.stream.as_mut() else {
-                return Ok(0);
-            };
-            match self.handle.block_on(stream.next()) {
-                None => {
-                    self.stream = None;
-                    return Ok(0);
-                }
-                Some(Ok(b)) => {
-                    self.tee.write_all(&b)?;
-                    self.buf = b;
-                }
-                Some(Err(e)) => {
-                    self.error = Some(e.to_string());
-                    return Err(io::Error::other(NetError(e.to_string())));
-                }
-            }
-        }
-        let n = out.len().min(self.buf.len());
-        out[..n].copy_from_slice(&self.buf[..n]);
-        let _ = self.buf.split_to(n);
+        let n = self.inner.read(out)?;
+        self.tee.write_all(&out[..n])?;
         Ok(n)
     }
 }
@@ -660,6 +661,15 @@ mod tests {
         (gz, digest, diff_id)
     }
 
+    /// Three attempts (a pull makes four: `cli::pull::layer_retry`).
+    fn resume_policy() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 3,
+            first_backoff: std::time::Duration::from_millis(400),
+            ..RetryPolicy::default()
+        }
+    }
+
     fn job(gz: &[u8], digest: &Digest, diff_id: &Digest) -> LayerJob {
         LayerJob {
             digest: digest.clone(),
@@ -667,7 +677,7 @@ mod tests {
             diff_id: diff_id.clone(),
             compression: Compression::Gzip,
             limits: Limits::default(),
-            attempts: 3,
+            retry: resume_policy(),
         }
     }
 
@@ -757,7 +767,7 @@ mod tests {
                     src.clone(),
                     &blob_digest,
                     Limits::default(),
-                    3,
+                    resume_policy(),
                     Arc::new(|_| {}),
                 )
                 .await
@@ -777,7 +787,7 @@ mod tests {
                     src.clone(),
                     &blob_digest,
                     Limits::default(),
-                    3,
+                    resume_policy(),
                     Arc::new(|_| {}),
                 )
                 .await
@@ -795,7 +805,7 @@ mod tests {
                 source(&plain, None, false),
                 &digest,
                 Limits::default(),
-                3,
+                resume_policy(),
                 Arc::new(|_| {}),
             )
             .await
