@@ -8,8 +8,8 @@ use anyhow::bail;
 use clap::{Args, Subcommand};
 
 use super::common::Context;
-use super::units::parse_duration;
-use crate::store::{Removed, format_size, parse_size};
+use super::units::{parse_duration, parse_size};
+use crate::store::{Removed, format_size};
 
 #[derive(Debug, Args)]
 pub struct CacheArgs {

@@ -18,6 +18,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 pub use common::{Context, take_secrets_from_env};
+pub use units::parse_size;
 use units::parse_timeout;
 
 #[derive(Debug, Parser)]
@@ -82,7 +83,7 @@ pub struct GlobalOpts {
         env = "IMAGEFS_CACHE_MAX_SIZE",
         value_name = "SIZE",
         allow_negative_numbers = true,
-        value_parser = crate::store::parse_size
+        value_parser = parse_size
     )]
     pub cache_max_size: Option<u64>,
     /// Largest uncompressed size of one layer (e.g. 64G); larger layers are refused as
@@ -92,7 +93,7 @@ pub struct GlobalOpts {
         global = true,
         value_name = "SIZE",
         allow_negative_numbers = true,
-        value_parser = crate::store::parse_size
+        value_parser = parse_size
     )]
     pub max_layer_size: Option<u64>,
     /// Largest ratio uncompressed / compressed of a layer past its first 64 MiB [default: 1024]

@@ -37,9 +37,13 @@ use serde::{Deserialize, Serialize};
 use crate::layer::index::{DataRef, LayerIndex};
 use crate::oci::{Digest, ImageManifest};
 
+/// Sizes are parsed by the command line (`cli::units`); this re-export only keeps
+/// `cli::common`, which names it here, compiling until it names `crate::cli::parse_size`.
+#[doc(hidden)]
+pub use crate::cli::parse_size;
 pub use cache::{
     Corrupt, ImageRecord, ImageUsage, LayerRecord, LiveMount, MountRegistration, Removed, Usage,
-    format_size, parse_size, plan_eviction,
+    format_size, plan_eviction,
 };
 pub use estargz::{LazyLayer, LazyState, RangeSource, has_toc};
 pub use pipeline::{BlobBody, BlobSource, FoundLayer, LayerEvent, LayerJob, SourceError};
