@@ -25,6 +25,7 @@ mod errno;
 mod filesystem;
 mod meta;
 mod mountinfo;
+mod open;
 
 pub use backend::{Backend, BackendError};
 pub use meta::MetaFiles;
