@@ -3,7 +3,7 @@
 //!
 //! The pipeline, one module per stage:
 //!
-//! 1. [`reference`] parses and normalises `busybox`, `host:5000/ns/app:tag@sha256:…`.
+//! 1. [`reference`](mod@reference) parses and normalises `busybox`, `host:5000/ns/app:tag@sha256:…`.
 //! 2. [`registry`] speaks the distribution v2 protocol: auth, manifests, blobs with Range.
 //! 3. [`oci`] parses the manifest / index / config into its own serde structs (stricter than
 //!    `oci-spec`'s: see [`oci::manifest`]), picks the platform.
