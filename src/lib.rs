@@ -3,9 +3,10 @@
 //!
 //! The pipeline, one module per stage:
 //!
-//! 1. [`reference`] parses and normalises `busybox`, `host:5000/ns/app:tag@sha256:…`.
+//! 1. [`reference`](mod@reference) parses and normalises `busybox`, `host:5000/ns/app:tag@sha256:…`.
 //! 2. [`registry`] speaks the distribution v2 protocol: auth, manifests, blobs with Range.
-//! 3. [`oci`] types the manifest / index / config on top of `oci-spec`, picks the platform.
+//! 3. [`oci`] parses the manifest / index / config into its own serde structs (stricter than
+//!    `oci-spec`'s: see [`oci::manifest`]), picks the platform.
 //! 4. [`store`] keeps verified, content-addressed blobs and extracted layers on disk.
 //! 5. [`layer`] decompresses (gzip, zstd, none), indexes and extracts tar layers.
 //! 6. [`overlay`] merges layer indexes into one tree with OCI whiteout semantics (pure).

@@ -8,7 +8,8 @@ use anyhow::bail;
 use clap::{Args, Subcommand};
 
 use super::common::Context;
-use crate::store::{Removed, format_size, parse_size};
+use super::units::{parse_duration, parse_size};
+use crate::store::{Removed, format_size};
 
 #[derive(Debug, Args)]
 pub struct CacheArgs {
@@ -37,7 +38,7 @@ pub struct PruneArgs {
     #[arg(long, conflicts_with_all = ["older_than", "max_size"])]
     pub all: bool,
     /// Images last used longer ago than this (e.g. 7d, 12h, 30m)
-    #[arg(long, value_parser = parse_age, conflicts_with = "max_size")]
+    #[arg(long, value_parser = parse_duration, conflicts_with = "max_size")]
     pub older_than: Option<Duration>,
     /// Until the images' data fits this size (e.g. 20G)
     #[arg(long, allow_negative_numbers = true, value_parser = parse_size)]
@@ -47,19 +48,8 @@ pub struct PruneArgs {
 #[derive(Debug, Args)]
 pub struct GcArgs {
     /// Keep entries younger than this: they may belong to a pull in progress
-    #[arg(long, default_value = "10m", value_parser = parse_age)]
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub min_age: Duration,
-}
-
-/// A duration with a unit: `s`, `m`, `h` or `d` (`--timeout`'s parser plus days).
-fn parse_age(s: &str) -> Result<Duration, String> {
-    if let Some(days) = s.strip_suffix('d') {
-        let n: u64 = days
-            .parse()
-            .map_err(|_| format!("{s:?} is not a duration (e.g. 7d, 12h, 30m)"))?;
-        return Ok(Duration::from_secs(n * 86_400));
-    }
-    super::parse_duration(s)
 }
 
 fn ago(t_ms: u64) -> String {

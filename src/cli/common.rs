@@ -45,12 +45,7 @@ impl Context {
         let cache = cache_dir(g)?;
         let store = Store::open(&cache)
             .with_context(|| format!("cannot use cache directory {}", cache.display()))?;
-        let platform = match &g.platform {
-            Some(p) => p
-                .parse()
-                .with_context(|| format!("invalid --platform {p:?}"))?,
-            None => Platform::host(),
-        };
+        let platform = g.platform.clone().unwrap_or_else(Platform::host);
         let cache_max = cache_max_size(g, &cache)?;
         let credentials = credentials(g)?;
         let client = Client::new(ClientConfig {
@@ -96,7 +91,7 @@ fn cache_max_size(g: &GlobalOpts, cache: &std::path::Path) -> anyhow::Result<Opt
     let c: Config =
         toml::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
     c.cache_max_size
-        .map(|s| crate::store::parse_size(&s))
+        .map(|s| super::parse_size(&s))
         .transpose()
         .map_err(|e| anyhow::anyhow!("{}: cache_max_size: {e}", path.display()))
 }

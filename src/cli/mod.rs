@@ -9,6 +9,7 @@ mod layers;
 mod mount;
 mod progress;
 mod pull;
+mod units;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +18,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 pub use common::{Context, take_secrets_from_env};
+pub use units::parse_size;
+use units::parse_timeout;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,8 +42,9 @@ pub struct GlobalOpts {
     #[arg(long, global = true, env = "IMAGEFS_CACHE_DIR", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Platform to pick from a multi-platform index: os/arch[/variant] [default: the host's]
-    #[arg(long, global = true, value_name = "OS/ARCH[/VARIANT]")]
-    pub platform: Option<String>,
+    #[arg(long, global = true, value_name = "OS/ARCH[/VARIANT]",
+          value_parser = <crate::oci::Platform as std::str::FromStr>::from_str)]
+    pub platform: Option<crate::oci::Platform>,
     /// Talk plain HTTP to the registry (loopback registries may use it without this flag)
     #[arg(long, global = true)]
     pub plain_http: bool,
@@ -80,7 +84,7 @@ pub struct GlobalOpts {
         env = "IMAGEFS_CACHE_MAX_SIZE",
         value_name = "SIZE",
         allow_negative_numbers = true,
-        value_parser = crate::store::parse_size
+        value_parser = parse_size
     )]
     pub cache_max_size: Option<u64>,
     /// Largest uncompressed size of one layer (e.g. 64G); larger layers are refused as
@@ -90,7 +94,7 @@ pub struct GlobalOpts {
         global = true,
         value_name = "SIZE",
         allow_negative_numbers = true,
-        value_parser = crate::store::parse_size
+        value_parser = parse_size
     )]
     pub max_layer_size: Option<u64>,
     /// Largest ratio uncompressed / compressed of a layer past its first 64 MiB [default: 1024]
@@ -215,57 +219,9 @@ fn usage_error_line(rendered: &str) -> String {
     line
 }
 
-/// `--timeout`: a duration above zero (a zero timeout would fail every request).
-fn parse_timeout(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
-        d if d.is_zero() => Err(format!("{s:?} is zero: give a positive duration, e.g. 15s")),
-        d => Ok(d),
-    }
-}
-
-/// `30s`, `2m`, `500ms`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: use e.g. 30s, 2m, 500ms"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration {s:?}: unit must be ms, s, m or h"
-            ));
-        }
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("invalid duration {s:?}"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_and_sizes() {
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("x").is_err());
-        assert!(parse_duration("5d").is_err());
-        assert!(parse_timeout("0").is_err());
-        assert!(parse_timeout("0s").is_err());
-        assert_eq!(parse_timeout("1ms").unwrap(), Duration::from_millis(1));
-    }
 
     #[test]
     fn usage_errors_are_one_line() {
@@ -277,6 +233,7 @@ mod tests {
             &["imagefs", "inspect", "--format", "yaml", "x"],
             &["imagefs", "mount", "x"],
             &["imagefs", "--max-expansion", "0", "layers", "x"],
+            &["imagefs", "--platform", "linux", "layers", "x"],
         ] {
             let e = Cli::try_parse_from(args).unwrap_err();
             let line = usage_error_line(&e.render().to_string());

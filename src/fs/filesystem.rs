@@ -2,15 +2,13 @@
 //! kernel passthrough), xattrs, and EROFS for everything that would change the image.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -25,6 +23,7 @@ use super::Backend;
 use super::attr::{BLKSIZE, TTL, id_of, inode_attr, placeholder_root_attr};
 use super::errno::OpError;
 use super::meta::{self, MetaTable, Sized};
+use super::open::{OpenFile, OpenTable, Readable};
 use crate::layer::index::DataRef;
 use crate::overlay::{Content, Inode, InodeId, ROOT, Tree};
 
@@ -37,7 +36,7 @@ const MAX_BACKGROUND: u16 = 256;
 
 /// `fh` of opens that need no backing file: meta files and empty files.
 const FH_NONE: FileHandle = FileHandle(0);
-/// `fh` of opens recorded in the `ImageFs::open` table (keyed by inode, see there).
+/// `fh` of opens recorded in the `ImageFs::open` table (keyed by inode, see [`OpenTable`]).
 const FH_OPEN: FileHandle = FileHandle(1);
 
 /// Page cache kept across opens (the content never changes); no FLUSH on close (nothing to
@@ -62,35 +61,8 @@ pub(crate) struct ImageFs {
     /// Passthrough granted by the kernel at init (written once in `init`, before any other
     /// request).
     passthrough: bool,
-    /// Regular files currently open, by FUSE inode: one entry however many times an inode is
-    /// open, so a file costs one fd and — with passthrough — one backing id, which the kernel
-    /// requires (it refuses two different backing files, or passthrough mixed with cached I/O,
-    /// on one inode). A std `Mutex`: held for a map lookup, never across I/O; files and
-    /// backing ids are dropped after unlocking.
-    open: Mutex<HashMap<INodeNo, OpenFile>>,
-    /// Without passthrough, opens are not worth a round trip each: `open` answers ENOSYS and
-    /// the kernel stops sending OPEN, FLUSH and RELEASE (FUSE's zero-message open, with the
-    /// page cache kept). Reads then arrive with file handle 0 and find their backing file
-    /// here: a bounded LRU of open fds by inode (the fd limit is finite; a closed one is
-    /// reopened on its next cold read). Held for a lookup or insert only, never across I/O.
-    files: Mutex<lru::LruCache<INodeNo, Arc<File>>>,
-}
-
-/// Backing files kept open for handle-less reads (see [`ImageFs::files`]).
-const FD_CACHE: usize = 1024;
-
-struct OpenFile {
-    /// The backing file for pread; `None` in passthrough mode, where the kernel holds its own
-    /// reference through the backing id and reads never reach us.
-    file: Option<Arc<File>>,
-    backing: Option<Arc<BackingId>>,
-    size: u64,
-    layer: u32,
-    data: DataRef,
-    /// The backing file held all of the content at open; when not, reads ask the backend to
-    /// make their range local first.
-    complete: bool,
-    handles: u64,
+    /// Regular files open through OPEN, and the fds of zero-message opens.
+    open: OpenTable,
 }
 
 #[derive(Clone, Copy)]
@@ -112,10 +84,7 @@ impl ImageFs {
             totals: OnceLock::new(),
             want_passthrough: passthrough,
             passthrough: false,
-            open: Mutex::new(HashMap::new()),
-            files: Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(FD_CACHE).expect("not zero"),
-            )),
+            open: OpenTable::new(),
         }
     }
 
@@ -244,54 +213,35 @@ impl ImageFs {
         data: DataRef,
         size: u64,
     ) -> Result<Option<Arc<BackingId>>, OpError> {
-        if let Some(open) = self.open.lock().unwrap().get_mut(&ino) {
-            open.handles += 1;
-            return Ok(open.backing.clone());
-        }
-        let file = self.backing_file(layer, data)?;
-        let complete = self.backend.is_complete(layer, data);
-        // Passthrough reads never reach us, so only complete files may use it.
-        let backing = if self.passthrough && complete {
-            match reply.open_backing(&file) {
-                Ok(id) => Some(Arc::new(id)),
-                Err(e) => {
-                    // e.g. EPERM without CAP_SYS_ADMIN, or a backing file on a stacked fs.
-                    tracing::debug!(ino = ino.0, "passthrough unavailable, using pread: {e}");
-                    None
+        self.open.open(ino, || {
+            let file = self.backing_file(layer, data)?;
+            let complete = self.backend.is_complete(layer, data);
+            // Passthrough reads never reach us, so only complete files may use it.
+            let backing = if self.passthrough && complete {
+                match reply.open_backing(&file) {
+                    Ok(id) => Some(Arc::new(id)),
+                    Err(e) => {
+                        // e.g. EPERM without CAP_SYS_ADMIN, or a backing file on a stacked fs.
+                        tracing::debug!(ino = ino.0, "passthrough unavailable, using pread: {e}");
+                        None
+                    }
                 }
-            }
-        } else {
-            None
-        };
-        let entry = OpenFile {
-            file: if backing.is_some() {
-                None
             } else {
-                Some(Arc::new(file))
-            },
-            backing: backing.clone(),
-            size,
-            layer,
-            data,
-            complete,
-            handles: 1,
-        };
-        let mut open = self.open.lock().unwrap();
-        match open.entry(ino) {
-            // Another thread opened the same inode meanwhile: use its file and backing id (ours
-            // are dropped after the lock, below).
-            Entry::Occupied(mut e) => {
-                e.get_mut().handles += 1;
-                let backing = e.get().backing.clone();
-                drop(open);
-                drop(entry);
-                Ok(backing)
-            }
-            Entry::Vacant(v) => {
-                v.insert(entry);
-                Ok(backing)
-            }
-        }
+                None
+            };
+            Ok(OpenFile {
+                file: if backing.is_some() {
+                    None
+                } else {
+                    Some(Arc::new(file))
+                },
+                backing,
+                size,
+                layer,
+                data,
+                complete,
+            })
+        })
     }
 
     fn do_open(
@@ -346,14 +296,8 @@ impl ImageFs {
         layer: u32,
         data: DataRef,
     ) -> Result<Arc<File>, OpError> {
-        if let Some(f) = self.files.lock().unwrap().get(&ino) {
-            return Ok(f.clone());
-        }
-        let file = Arc::new(self.backing_file(layer, data)?);
-        // A race with another reader costs one extra open; the last insert wins.
-        let evicted = self.files.lock().unwrap().push(ino, file.clone());
-        drop(evicted);
-        Ok(file)
+        self.open
+            .handle_less(ino, || self.backing_file(layer, data))
     }
 
     fn do_read(
@@ -368,8 +312,14 @@ impl ImageFs {
             reply.data(window(self.meta.content(i), offset, size));
             return Ok(());
         }
-        let (file, file_size, layer, data, complete) = if fh == FH_NONE {
-            // An empty file, or a zero-message open (see `files`).
+        let Readable {
+            file,
+            size: file_size,
+            layer,
+            data,
+            complete,
+        } = if fh == FH_NONE {
+            // An empty file, or a zero-message open (see `OpenTable::handle_less`).
             let (layer, data, size) = match self.inode(ino) {
                 Ok((_, _, inode)) => match inode.content {
                     Content::File {
@@ -389,13 +339,15 @@ impl ImageFs {
                 Err(e) => return Err((e, reply)),
             };
             let complete = self.backend.is_complete(layer, data);
-            (file, size, layer, data, complete)
+            Readable {
+                file,
+                size,
+                layer,
+                data,
+                complete,
+            }
         } else {
-            let found = self.open.lock().unwrap().get(&ino).and_then(|o| {
-                let file = o.file.clone()?;
-                Some((file, o.size, o.layer, o.data, o.complete))
-            });
-            match found {
+            match self.open.readable(ino) {
                 Some(f) => f,
                 None => return Err((OpError::NotOpen, reply)),
             }
@@ -587,19 +539,7 @@ impl Filesystem for ImageFs {
         reply: ReplyEmpty,
     ) {
         if fh == FH_OPEN {
-            let closed = {
-                let mut open = self.open.lock().unwrap();
-                match open.get_mut(&ino) {
-                    Some(o) if o.handles > 1 => {
-                        o.handles -= 1;
-                        None
-                    }
-                    Some(_) => open.remove(&ino),
-                    None => None,
-                }
-            };
-            // Closes the fd / backing id outside the lock.
-            drop(closed);
+            self.open.release(ino);
         }
         reply.ok();
     }

@@ -1,4 +1,4 @@
-//! The FUSE filesystem: serves a merged [`Tree`] read-only over FUSE (fuser 0.18), with four
+//! The FUSE filesystem: serves a merged [`Tree`](crate::overlay::Tree) read-only over FUSE (fuser 0.18), with four
 //! meta files at the root. The only module that knows `fuser`, errno, inode numbers and TTLs.
 //!
 //! It does not know where the tree and file data come from: a [`Backend`] (the store, in the
@@ -25,6 +25,7 @@ mod errno;
 mod filesystem;
 mod meta;
 mod mountinfo;
+mod open;
 
 pub use backend::{Backend, BackendError};
 pub use meta::MetaFiles;

@@ -112,7 +112,7 @@ pub async fn fetch_layers(
                 .await
                 .map_err(|source| Error::Layer {
                     digest: job.digest.clone(),
-                    source,
+                    source: Box::new(source),
                 })
         });
     }
@@ -268,7 +268,7 @@ impl MountedImage {
                         .await
                         .map_err(|e| Error::Layer {
                             digest: job.digest.clone(),
-                            source: e,
+                            source: Box::new(e),
                         })
                 }
             });
@@ -376,7 +376,7 @@ impl MountedImage {
             }
             l => l.map_err(|source| Error::Layer {
                 digest: desc.digest.clone(),
-                source,
+                source: Box::new(source),
             })?,
         };
         if let (Some(_), None) = (&l, &toc) {
@@ -403,7 +403,7 @@ impl MountedImage {
                     .block_on(self.store.ensure_layer(source, job, Arc::new(|_| {})))
                     .map_err(|source| Error::Layer {
                         digest: job.digest.clone(),
-                        source,
+                        source: Box::new(source),
                     })?;
                 self.whole.lock().expect("whole lock").insert(layer);
             }
@@ -431,7 +431,7 @@ impl MountedImage {
                     return Err(Error::Chunk {
                         offset,
                         len,
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }

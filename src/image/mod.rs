@@ -89,7 +89,7 @@ pub enum Error {
     Layer {
         digest: Digest,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error("layer {digest}")]
     LayerMedia {
@@ -116,12 +116,18 @@ pub enum Error {
         offset: u64,
         len: u64,
         #[source]
-        source: StoreError,
+        source: Box<StoreError>,
     },
     #[error(transparent)]
     Registry(#[from] crate::registry::Error),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(Box<StoreError>),
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Error {
+        Error::Store(Box::new(e))
+    }
 }
 
 impl Error {

@@ -399,7 +399,7 @@ impl Resolver {
                     .map(|found| (blob.clone(), found))
                     .map_err(|source| Error::Layer {
                         digest: blob.clone(),
-                        source,
+                        source: Box::new(source),
                     })
             }
         });

@@ -137,7 +137,10 @@ pub fn merge(layers: &[LayerIndex]) -> Result<Tree, MergeError> {
             builder.apply(entry)?;
         }
     }
-    builder.into_tree()
+    let tree = builder.into_tree()?;
+    // The Cargo.toml promise: debug builds (tests, demo, CI) check the tree they serve.
+    debug_assert_eq!(tree.check_invariants(), Ok(()), "merge built a broken tree");
+    Ok(tree)
 }
 
 type NodeId = usize;

@@ -492,7 +492,7 @@ impl LazyLayer {
         Ok(())
     }
 
-    /// Make every file local, in blob order, in requests of at most [`FILL_BATCH`] bytes;
+    /// Make every file local, in blob order, in requests of at most `FILL_BATCH` bytes;
     /// before each request, wait until no foreground [`LazyLayer::ensure`] is fetching, so
     /// that readers never queue behind it. Stops at the first failure.
     pub async fn fill(&self, source: &dyn RangeSource) -> Result<(), StoreError> {

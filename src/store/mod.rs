@@ -39,7 +39,7 @@ use crate::oci::{Digest, ImageManifest};
 
 pub use cache::{
     Corrupt, ImageRecord, ImageUsage, LayerRecord, LiveMount, MountRegistration, Removed, Usage,
-    format_size, parse_size, plan_eviction,
+    format_size, plan_eviction,
 };
 pub use estargz::{LazyLayer, LazyState, RangeSource, has_toc};
 pub use pipeline::{BlobBody, BlobSource, FoundLayer, LayerEvent, LayerJob, SourceError};

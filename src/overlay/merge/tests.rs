@@ -6,14 +6,14 @@ use std::time::{Duration, Instant};
 
 use super::{MergeError, merge, model};
 use crate::layer::index::{Entry, EntryKind, LayerIndex};
-use crate::overlay::notation::{check_invariants, format, listing, parse, render};
+use crate::overlay::notation::{format, listing, parse, render};
 use crate::overlay::tree::{Content, Tree};
 
 /// Merge layers written in the notation, check the tree's invariants, render it.
 fn run(layers: &[&str]) -> Result<String, MergeError> {
     let fx = parse(layers);
     let tree = merge(&fx.layers)?;
-    if let Err(broken) = check_invariants(&tree) {
+    if let Err(broken) = tree.check_invariants() {
         panic!("invariant broken for {layers:?}: {broken}\n{tree:#?}");
     }
     Ok(render(&tree, &fx))
@@ -736,7 +736,7 @@ fn timed_merge(layers: &[LayerIndex], limit: Duration) -> Tree {
         "merged {} entries in {took:?}",
         layers.iter().map(|l| l.entries.len()).sum::<usize>()
     );
-    check_invariants(&tree).unwrap();
+    tree.check_invariants().unwrap();
     // Generous: the merge takes milliseconds; quadratic work on these sizes takes minutes.
     assert!(took < limit, "merge took {took:?}, more than {limit:?}");
     tree
@@ -848,7 +848,7 @@ fn deep_trees_do_not_recurse() {
         },
     ];
     let tree = merge(&layers).unwrap();
-    check_invariants(&tree).unwrap();
+    tree.check_invariants().unwrap();
     assert_eq!(tree.inodes.len(), 5_002);
     assert!(tree.resolve(format!("{deep}/g").as_bytes()).is_some());
     assert!(tree.resolve(format!("{deep}/f").as_bytes()).is_none());
@@ -1047,7 +1047,7 @@ fn merge_matches_the_naive_model() {
         let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
         let fx = parse(&texts);
         let got = merge(&fx.layers).map_err(|e| error_class(&e)).map(|tree| {
-            if let Err(broken) = check_invariants(&tree) {
+            if let Err(broken) = tree.check_invariants() {
                 panic!("stack {n} {texts:#?}: invariant broken: {broken}");
             }
             format(listing(&tree), &fx)

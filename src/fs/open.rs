@@ -1,0 +1,205 @@
+//! Open-file bookkeeping of the filesystem, as fuser's `examples/passthrough.rs` keeps its
+//! `BackingCache`: regular files open through OPEN (one entry per inode, counted handles) and
+//! the fds of zero-message opens (a bounded LRU). Both are std `Mutex`es held for a map
+//! operation only: files are opened by the caller's closures outside the locks, and files and
+//! backing ids are dropped after unlocking.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::fs::File;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use fuser::{BackingId, INodeNo};
+use lru::LruCache;
+
+use crate::layer::index::DataRef;
+
+/// Backing files kept open for handle-less reads.
+const FD_CACHE: usize = 1024;
+
+pub(super) struct OpenTable {
+    /// Regular files currently open, by FUSE inode: one entry however many times an inode is
+    /// open, so a file costs one fd and — with passthrough — one backing id, which the kernel
+    /// requires (it refuses two different backing files, or passthrough mixed with cached I/O,
+    /// on one inode).
+    open: Mutex<HashMap<INodeNo, Counted>>,
+    /// Without passthrough, opens are not worth a round trip each: `open` answers ENOSYS and
+    /// the kernel stops sending OPEN, FLUSH and RELEASE (FUSE's zero-message open, with the
+    /// page cache kept). Reads then arrive with file handle 0 and find their backing file
+    /// here: a bounded LRU of open fds by inode (the fd limit is finite; a closed one is
+    /// reopened on its next cold read).
+    files: Mutex<LruCache<INodeNo, Arc<File>>>,
+}
+
+pub(super) struct OpenFile {
+    /// The backing file for pread; `None` in passthrough mode, where the kernel holds its own
+    /// reference through the backing id and reads never reach us.
+    pub file: Option<Arc<File>>,
+    pub backing: Option<Arc<BackingId>>,
+    pub size: u64,
+    pub layer: u32,
+    pub data: DataRef,
+    /// The backing file held all of the content at open; when not, reads ask the backend to
+    /// make their range local first.
+    pub complete: bool,
+}
+
+/// An open entry and how many handles share it.
+struct Counted {
+    file: OpenFile,
+    handles: u64,
+}
+
+/// What a read of an open file needs.
+pub(super) struct Readable {
+    pub file: Arc<File>,
+    pub size: u64,
+    pub layer: u32,
+    pub data: DataRef,
+    pub complete: bool,
+}
+
+impl OpenTable {
+    pub(super) fn new() -> OpenTable {
+        OpenTable {
+            open: Mutex::new(HashMap::new()),
+            files: Mutex::new(LruCache::new(
+                NonZeroUsize::new(FD_CACHE).expect("not zero"),
+            )),
+        }
+    }
+
+    /// One more handle on `ino`: its open entry's backing id, the entry made by `make` (called
+    /// without the lock) when the inode is not open. When another thread opened the inode
+    /// meanwhile, its entry is shared and ours dropped.
+    pub(super) fn open<E>(
+        &self,
+        ino: INodeNo,
+        make: impl FnOnce() -> Result<OpenFile, E>,
+    ) -> Result<Option<Arc<BackingId>>, E> {
+        if let Some(open) = self.open.lock().unwrap().get_mut(&ino) {
+            open.handles += 1;
+            return Ok(open.file.backing.clone());
+        }
+        let file = make()?;
+        let backing = file.backing.clone();
+        let mut open = self.open.lock().unwrap();
+        match open.entry(ino) {
+            // Another thread opened the same inode meanwhile: use its file and backing id (ours
+            // are dropped after the lock, below).
+            Entry::Occupied(mut e) => {
+                e.get_mut().handles += 1;
+                let backing = e.get().file.backing.clone();
+                drop(open);
+                drop(file);
+                Ok(backing)
+            }
+            Entry::Vacant(v) => {
+                v.insert(Counted { file, handles: 1 });
+                Ok(backing)
+            }
+        }
+    }
+
+    /// The file to read `ino` through, when it is open for pread (not passthrough).
+    pub(super) fn readable(&self, ino: INodeNo) -> Option<Readable> {
+        let open = self.open.lock().unwrap();
+        let o = &open.get(&ino)?.file;
+        Some(Readable {
+            file: o.file.clone()?,
+            size: o.size,
+            layer: o.layer,
+            data: o.data,
+            complete: o.complete,
+        })
+    }
+
+    /// One handle on `ino` closed; the last one closes the file and backing id.
+    pub(super) fn release(&self, ino: INodeNo) {
+        let closed = {
+            let mut open = self.open.lock().unwrap();
+            match open.get_mut(&ino) {
+                Some(o) if o.handles > 1 => {
+                    o.handles -= 1;
+                    None
+                }
+                Some(_) => open.remove(&ino),
+                None => None,
+            }
+        };
+        // Closes the fd / backing id outside the lock.
+        drop(closed);
+    }
+
+    /// The backing file of `ino` for a read without a file handle: from the fd cache, or
+    /// opened by `open` (called without the lock) and cached.
+    pub(super) fn handle_less<E>(
+        &self,
+        ino: INodeNo,
+        open: impl FnOnce() -> Result<File, E>,
+    ) -> Result<Arc<File>, E> {
+        if let Some(f) = self.files.lock().unwrap().get(&ino) {
+            return Ok(f.clone());
+        }
+        let file = Arc::new(open()?);
+        // A race with another reader costs one extra open; the last insert wins.
+        let evicted = self.files.lock().unwrap().push(ino, file.clone());
+        drop(evicted);
+        Ok(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    fn entry(size: u64) -> Result<OpenFile, ()> {
+        Ok(OpenFile {
+            file: Some(Arc::new(File::open("/dev/null").unwrap())),
+            backing: None,
+            size,
+            layer: 0,
+            data: DataRef { id: 0 },
+            complete: true,
+        })
+    }
+
+    #[test]
+    fn one_entry_per_inode_until_the_last_handle_closes() {
+        let t = OpenTable::new();
+        let ino = INodeNo(7);
+        assert!(t.readable(ino).is_none());
+        assert!(matches!(t.open(ino, || entry(10)), Ok(None)));
+        // A second open shares the entry: `make` is not called.
+        assert!(matches!(
+            t.open(ino, || -> Result<OpenFile, ()> { panic!("opened twice") }),
+            Ok(None)
+        ));
+        assert_eq!(t.readable(ino).unwrap().size, 10);
+        t.release(ino);
+        assert_eq!(t.readable(ino).unwrap().size, 10);
+        t.release(ino);
+        assert!(t.readable(ino).is_none());
+        t.release(ino);
+        // A failed open records nothing.
+        assert!(matches!(
+            t.open(ino, || Err::<OpenFile, _>("gone")),
+            Err("gone")
+        ));
+        assert!(t.readable(ino).is_none());
+    }
+
+    #[test]
+    fn handle_less_reads_reuse_the_cached_fd() {
+        let t = OpenTable::new();
+        let ino = INodeNo(3);
+        let first = t.handle_less(ino, || File::open("/dev/null")).unwrap();
+        let again = t
+            .handle_less(ino, || -> io::Result<File> { panic!("reopened") })
+            .unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert!(t.readable(ino).is_none(), "handle-less reads are not opens");
+    }
+}
