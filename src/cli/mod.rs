@@ -138,7 +138,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(async move {
+            let result = rt.block_on(async move {
                 let ctx = Context::new(&cli.global)?;
                 match command {
                     Command::Pull(a) => pull::run(&ctx, a).await,
@@ -147,7 +147,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Command::Cache(a) => cache::run(&ctx, a),
                     Command::Mount(_) | Command::Umount(_) => unreachable!(),
                 }
-            })
+            });
+            if result.is_err() {
+                // The first failure ends the command while other layers may still be
+                // extracting on blocking threads, which read the network through this
+                // runtime: shutting it down under them would make them panic. The process
+                // exits right after the error line; their temporaries are removed by the
+                // next `Store::open`.
+                std::mem::forget(rt);
+            }
+            result
         }
     }
 }

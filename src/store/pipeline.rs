@@ -288,6 +288,9 @@ impl Store {
         .expect("extraction task panicked")
     }
 
+    /// One attempt's blocking part: stream the compressed input (local blob, or partial
+    /// prefix + network) through decompression and the tar indexer, extracting into a
+    /// temporary directory; verify blob digest, size and diff_id; install the layer.
     fn extract_blocking(
         &self,
         job: &Target,
@@ -297,37 +300,12 @@ impl Store {
         handle: tokio::runtime::Handle,
         progress: Progress,
     ) -> Result<FoundLayer, Failure> {
-        let blob_path = self.blob_path(&job.digest);
-        let partial = self.partial_path(&job.digest);
         let fin = |e: StoreError| Failure::Final(e);
-
         // The source's error, if the network side failed: the decoders see only an io::Error
         // standing for it, and whatever they make of it, this says the cause was the source
         // (worth resuming), with the source's own error.
         let source_failed: SourceFailed = Arc::default();
-        // Compressed input: the local blob, or the partial prefix followed by the network.
-        let input: Box<dyn Read + Send> = if have_blob {
-            Box::new(File::open(&blob_path).map_err(|e| fin(io_err(&blob_path)(e)))?)
-        } else {
-            let prefix = File::open(&partial).map_err(|e| fin(io_err(&partial)(e)))?;
-            let prefix = prefix.take(resumed);
-            let tee = OpenOptions::new()
-                .append(true)
-                .open(&partial)
-                .map_err(|e| fin(io_err(&partial)(e)))?;
-            let slot = source_failed.clone();
-            let stream = body
-                .unwrap_or_else(|| Box::pin(futures_util::stream::empty()))
-                .map(move |item| {
-                    item.map_err(|e| {
-                        let shown = io::Error::other(e.to_string());
-                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                        shown
-                    })
-                });
-            let net = SyncIoBridge::new_with_handle(StreamReader::new(stream), handle);
-            Box::new(prefix.chain(Tee { inner: net, tee }))
-        };
+        let input = self.compressed_input(job, have_blob, resumed, body, handle, &source_failed)?;
         let mut compressed = Hashing::new(input, job.digest.hasher(), progress.clone());
 
         // Named `layer-PID-…` like every temporary of the store, so that a crashed process's
@@ -340,81 +318,22 @@ impl Store {
         fs::create_dir(&data_dir).map_err(|e| fin(io_err(&data_dir)(e)))?;
 
         let mut compression = job.compression;
-        let result =
-            (|| -> io::Result<Result<(crate::layer::LayerIndex, Digest, u64), StoreError>> {
-                let count = std::sync::atomic::AtomicU64::new(0);
-                let mut counted = CountInto(&mut compressed, &count);
-                let (head, found) = match compression {
-                    Some(c) => (Vec::new(), c),
-                    None => sniff_compression(&mut counted)?,
-                };
-                compression = Some(found);
-                let dec = decompress::decoder(found, io::Cursor::new(head).chain(counted))?;
-                let bounded = decompress::Bounded::new(dec, job.limits, || {
-                    count.load(std::sync::atomic::Ordering::Relaxed)
-                });
-                // The diff_id's algorithm, when unknown, is the canonical one (sha256).
-                let hasher = match &job.diff_id {
-                    Some(d) => d.hasher(),
-                    None => Hasher::new(crate::oci::digest::Algorithm::Sha256),
-                };
-                let mut tar_stream = Hashing::new(bounded, hasher, Arc::new(|_| {}));
-                let index = match index_layer(&mut tar_stream, Some(&data_dir)) {
-                    Ok(i) => i,
-                    Err(crate::layer::tar::TarError::Read { source }) => return Err(source),
-                    Err(e) => {
-                        return Ok(Err(StoreError::Layer {
-                            digest: job.digest.clone(),
-                            source: e.into(),
-                        }));
-                    }
-                };
-                // Hash everything after the end-of-archive marker too: the diff_id covers it.
-                io::copy(&mut tar_stream, &mut io::sink())?;
-                let tar_size = tar_stream.count;
-                let diff_id = tar_stream.hasher.take().expect("hasher").finish();
-                Ok(Ok((index, diff_id, tar_size)))
-            })();
-
-        let (index, diff_id, _tar_size) = match result {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Err(self.data_failure(&mut compressed, job, e)),
-            Err(e) => {
-                return Err(match classify(job, &source_failed, e) {
-                    Failure::Final(e) => self.data_failure(&mut compressed, job, e),
-                    transient => transient,
-                });
-            }
-        };
+        let (index, diff_id) =
+            match decode_and_index(job, &mut compressed, &data_dir, &mut compression) {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(self.data_failure(&mut compressed, job, e)),
+                Err(e) => {
+                    return Err(match classify(job, &source_failed, e) {
+                        Failure::Final(e) => self.data_failure(&mut compressed, job, e),
+                        transient => transient,
+                    });
+                }
+            };
         // Drain the compressed side so the whole blob is hashed (decoders may stop early).
         if let Err(e) = io::copy(&mut compressed, &mut io::sink()) {
             return Err(classify(job, &source_failed, e));
         }
-        let blob_size = compressed.count;
-        let blob_digest = compressed.hasher.take().expect("hasher").finish();
-
-        if blob_digest != job.digest {
-            // Bad bytes are never kept, not even as a partial download.
-            let _ = fs::remove_file(&partial);
-            return Err(fin(StoreError::DigestMismatch {
-                what: "layer blob",
-                expected: job.digest.clone(),
-                actual: blob_digest,
-            }));
-        }
-        if let Some(expected) = job.size
-            && blob_size != expected
-        {
-            let _ = fs::remove_file(&partial);
-            return Err(fin(StoreError::SizeMismatch {
-                digest: job.digest.clone(),
-                expected,
-                actual: blob_size,
-            }));
-        }
-        if !have_blob {
-            fs::rename(&partial, &blob_path).map_err(|e| fin(io_err(&blob_path)(e)))?;
-        }
+        let blob_size = self.verify_blob(job, &mut compressed, have_blob)?;
         if let Some(expected) = &job.diff_id
             && diff_id != *expected
         {
@@ -429,26 +348,156 @@ impl Store {
             size: blob_size,
             compression: compression.expect("set before decompressing"),
         };
-        // A layer found by its blob alone may be in the store already (another image has
-        // it, or another process extracted it meanwhile): keep that one.
-        if self.has_layer(&found.diff_id) {
-            return Ok(found);
-        }
+        self.install(tmp, &index, &found).map_err(fin)?;
+        Ok(found)
+    }
 
+    /// The compressed input: the local blob, or the partial prefix followed by the network,
+    /// every network byte appended to the partial file (so a later attempt can resume).
+    fn compressed_input(
+        &self,
+        job: &Target,
+        have_blob: bool,
+        resumed: u64,
+        body: Option<ByteStream>,
+        handle: tokio::runtime::Handle,
+        source_failed: &SourceFailed,
+    ) -> Result<Box<dyn Read + Send>, Failure> {
+        let fin = |e: StoreError| Failure::Final(e);
+        let blob_path = self.blob_path(&job.digest);
+        let partial = self.partial_path(&job.digest);
+        if have_blob {
+            return Ok(Box::new(
+                File::open(&blob_path).map_err(|e| fin(io_err(&blob_path)(e)))?,
+            ));
+        }
+        let prefix = File::open(&partial).map_err(|e| fin(io_err(&partial)(e)))?;
+        let prefix = prefix.take(resumed);
+        let tee = OpenOptions::new()
+            .append(true)
+            .open(&partial)
+            .map_err(|e| fin(io_err(&partial)(e)))?;
+        let slot = source_failed.clone();
+        let stream = body
+            .unwrap_or_else(|| Box::pin(futures_util::stream::empty()))
+            .map(move |item| {
+                item.map_err(|e| {
+                    let shown = io::Error::other(e.to_string());
+                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    shown
+                })
+            });
+        let net = SyncIoBridge::new_with_handle(StreamReader::new(stream), handle);
+        Ok(Box::new(prefix.chain(Tee { inner: net, tee })))
+    }
+
+    /// The whole blob was read through `compressed`: check its digest and size (bad bytes
+    /// are never kept, not even as a partial download), and move a download into place.
+    /// Returns the blob's size.
+    fn verify_blob<R: Read>(
+        &self,
+        job: &Target,
+        compressed: &mut Hashing<R>,
+        have_blob: bool,
+    ) -> Result<u64, Failure> {
+        let partial = self.partial_path(&job.digest);
+        let blob_size = compressed.count;
+        let blob_digest = compressed.hasher.take().expect("hasher").finish();
+        if blob_digest != job.digest {
+            let _ = fs::remove_file(&partial);
+            return Err(Failure::Final(StoreError::DigestMismatch {
+                what: "layer blob",
+                expected: job.digest.clone(),
+                actual: blob_digest,
+            }));
+        }
+        if let Some(expected) = job.size
+            && blob_size != expected
+        {
+            let _ = fs::remove_file(&partial);
+            return Err(Failure::Final(StoreError::SizeMismatch {
+                digest: job.digest.clone(),
+                expected,
+                actual: blob_size,
+            }));
+        }
+        if !have_blob {
+            let blob_path = self.blob_path(&job.digest);
+            fs::rename(&partial, &blob_path).map_err(|e| Failure::Final(io_err(&blob_path)(e)))?;
+        }
+        Ok(blob_size)
+    }
+
+    /// Write the index beside the extracted data and rename the directory to the layer's
+    /// place: the layer becomes visible whole or not at all. A layer found by its blob alone
+    /// may be in the store already (another image has it, or another process extracted it
+    /// meanwhile): that one is kept.
+    fn install(
+        &self,
+        tmp: tempfile::TempDir,
+        index: &crate::layer::LayerIndex,
+        found: &FoundLayer,
+    ) -> Result<(), StoreError> {
+        if self.has_layer(&found.diff_id) {
+            return Ok(());
+        }
         let index_path = tmp.path().join("index.json");
-        let json = serde_json::to_vec(&index).expect("index serialises");
-        fs::write(&index_path, json).map_err(|e| fin(io_err(&index_path)(e)))?;
+        let json = serde_json::to_vec(index).expect("index serialises");
+        fs::write(&index_path, json).map_err(io_err(&index_path))?;
         let dest = self.layer_dir(&found.diff_id);
         let tmp = tmp.keep();
         if let Err(e) = fs::rename(&tmp, &dest) {
             let _ = fs::remove_dir_all(&tmp);
             // Renamed into place by a concurrent extraction of the same layer just now.
             if !self.has_layer(&found.diff_id) {
-                return Err(fin(io_err(&dest)(e)));
+                return Err(io_err(&dest)(e));
             }
         }
-        Ok(found)
+        Ok(())
     }
+}
+
+/// Decompress `compressed` (sniffing the compression when unknown, bounded by the job's
+/// limits), index the tar and extract file contents into `data_dir`, hashing the whole tar
+/// for the diff_id. An `io::Error` is a failure to read (the network, the disk); a
+/// `StoreError` a failure of the data itself.
+fn decode_and_index<R: Read + Send>(
+    job: &Target,
+    compressed: &mut Hashing<R>,
+    data_dir: &std::path::Path,
+    compression: &mut Option<Compression>,
+) -> io::Result<Result<(crate::layer::LayerIndex, Digest), StoreError>> {
+    let count = std::sync::atomic::AtomicU64::new(0);
+    let mut counted = CountInto(compressed, &count);
+    let (head, found) = match *compression {
+        Some(c) => (Vec::new(), c),
+        None => sniff_compression(&mut counted)?,
+    };
+    *compression = Some(found);
+    let dec = decompress::decoder(found, io::Cursor::new(head).chain(counted))?;
+    let bounded = decompress::Bounded::new(dec, job.limits, || {
+        count.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    // The diff_id's algorithm, when unknown, is the canonical one (sha256).
+    let hasher = match &job.diff_id {
+        Some(d) => d.hasher(),
+        None => Hasher::new(crate::oci::digest::Algorithm::Sha256),
+    };
+    let mut tar_stream = Hashing::new(bounded, hasher, Arc::new(|_| {}));
+    let index = match index_layer(&mut tar_stream, Some(data_dir)) {
+        Ok(i) => i,
+        Err(crate::layer::tar::TarError::Read { source }) => return Err(source),
+        Err(e) => {
+            return Ok(Err(StoreError::Layer {
+                digest: job.digest.clone(),
+                source: e.into(),
+            }));
+        }
+    };
+    // Hash everything after the end-of-archive marker too: the diff_id covers it.
+    io::copy(&mut tar_stream, &mut io::sink())?;
+    let diff_id = tar_stream.hasher.take().expect("hasher").finish();
+    Ok(Ok((index, diff_id)))
 }
 
 /// The compression of a stream, from its first bytes (as containerd's `DecompressStream`
@@ -480,6 +529,11 @@ impl Store {
         e: StoreError,
     ) -> Failure {
         let _ = fs::remove_file(self.partial_path(&job.digest));
+        // A full or read-only disk says nothing about the data: reported as it is, never
+        // turned into a verdict on the blob (draining it would hash a stream cut short).
+        if is_local_storage_failure(&e) {
+            return Failure::Final(e);
+        }
         if io::copy(compressed, &mut io::sink()).is_ok()
             && let Some(h) = compressed.hasher.take()
         {
@@ -516,6 +570,29 @@ fn classify(job: &Target, source_failed: &SourceFailed, e: io::Error) -> Failure
             source: LayerFault::Decode(e),
         }),
     }
+}
+
+/// Whether `e` is the local disk failing (full, over quota, read-only, file too large)
+/// rather than the data or the network.
+fn is_local_storage_failure(e: &StoreError) -> bool {
+    use crate::layer::tar::TarError;
+    let io = match e {
+        StoreError::Io { source, .. }
+        | StoreError::Layer {
+            source:
+                LayerFault::Decode(source)
+                | LayerFault::Tar(TarError::Write { source, .. } | TarError::Read { source }),
+            ..
+        } => source,
+        _ => return false,
+    };
+    matches!(
+        io.kind(),
+        io::ErrorKind::StorageFull
+            | io::ErrorKind::QuotaExceeded
+            | io::ErrorKind::ReadOnlyFilesystem
+            | io::ErrorKind::FileTooLarge
+    )
 }
 
 /// A failed attempt: worth resuming (`Transient`) or not.
