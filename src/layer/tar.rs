@@ -49,78 +49,16 @@ pub fn index_layer<R: Read>(reader: R, data_dir: Option<&Path>) -> Result<LayerI
         .map_err(|source| TarError::Read { source })?;
     for item in iter {
         let mut te = item.map_err(|source| TarError::Read { source })?;
-        let header = te.header().clone();
         let raw_path = te.path_bytes().into_owned();
-        let path = clean_path(&raw_path);
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
         let bad = |message: String| TarError::Entry {
             path: shown.clone(),
             message,
         };
-
-        let kind = match header.entry_type() {
-            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => EntryKind::File,
-            EntryType::Directory => EntryKind::Dir,
-            EntryType::Symlink => EntryKind::Symlink,
-            EntryType::Link => EntryKind::Hardlink,
-            EntryType::Char => EntryKind::CharDev,
-            EntryType::Block => EntryKind::BlockDev,
-            EntryType::Fifo => EntryKind::Fifo,
-            // Global PAX headers carry no entry; we read no archive-wide defaults from them
-            // (umoci ignores them as well).
-            EntryType::XGlobalHeader => continue,
-            other => {
-                // Unknown types are treated as regular files by POSIX tar readers
-                // ("unrecognized typeflag … shall be treated as a regular file").
-                tracing::debug!(path = %shown, typeflag = ?other, "unknown tar type, treating as file");
-                EntryKind::File
-            }
+        let Some(kind) = entry_kind(&te, &shown) else {
+            continue;
         };
-
-        let old = header.as_old();
-        let mode = numeric(header.mode().map(u64::from), &old.mode).map_err(&bad)?;
-        let mut entry = Entry::new(path, kind, (mode & 0o7777) as u32);
-        entry.uid = u32::try_from(numeric(header.uid(), &old.uid).map_err(&bad)?)
-            .map_err(|_| bad("uid does not fit in 32 bits".into()))?;
-        entry.gid = u32::try_from(numeric(header.gid(), &old.gid).map_err(&bad)?)
-            .map_err(|_| bad("gid does not fit in 32 bits".into()))?;
-        entry.mtime = Timespec {
-            sec: numeric(header.mtime(), &old.mtime).map_err(&bad)? as i64,
-            nsec: 0,
-        };
-
-        let mut sparse = PaxSparse::default();
-        if let Some(pax) = te
-            .pax_extensions()
-            .map_err(|source| TarError::Read { source })?
-        {
-            for ext in pax {
-                let ext = ext.map_err(|source| TarError::Read { source })?;
-                let key = ext.key_bytes();
-                if key == b"mtime" {
-                    if let Some(ts) = parse_pax_time(ext.value_bytes()) {
-                        entry.mtime = ts;
-                    }
-                } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    entry.xattrs.push(Xattr {
-                        name: name.to_vec(),
-                        value: ext.value_bytes().to_vec(),
-                    });
-                } else if let Some(key) = key.strip_prefix(b"GNU.sparse.") {
-                    sparse.record(key, ext.value_bytes());
-                }
-            }
-        }
-        let sparse = match kind {
-            EntryKind::File => sparse.layout().map_err(&bad)?,
-            _ => None,
-        };
-        if let Some(s) = &sparse
-            && let Some(name) = &s.name
-        {
-            entry.path = clean_path(name);
-        }
-
+        let (mut entry, sparse) = entry_metadata(&mut te, clean_path(&raw_path), kind, &bad)?;
         match kind {
             EntryKind::Symlink => {
                 // Verbatim: a symlink target is never cleaned or resolved.
@@ -137,32 +75,14 @@ pub fn index_layer<R: Read>(reader: R, data_dir: Option<&Path>) -> Result<LayerI
                 entry.link = Some(clean_path(&target));
             }
             EntryKind::CharDev | EntryKind::BlockDev => {
-                let major = header.device_major().ok().flatten().unwrap_or(0);
-                let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                let major = te.header().device_major().ok().flatten().unwrap_or(0);
+                let minor = te.header().device_minor().ok().flatten().unwrap_or(0);
                 entry.rdev = (major, minor);
             }
             EntryKind::File => {
                 let id = next_id;
-                let size = match data_dir {
-                    Some(dir) => {
-                        let file_path = data_path(dir, DataRef { id });
-                        let n = match sparse {
-                            Some(s) => write_sparse(&mut te, Some(&file_path), &s, &bad)?,
-                            None => write_file(&mut te, &file_path)?,
-                        };
-                        if n == 0 {
-                            let _ = std::fs::remove_file(&file_path);
-                        }
-                        n
-                    }
-                    None => match sparse {
-                        Some(s) => write_sparse(&mut te, None, &s, &bad)?,
-                        None => io::copy(&mut te, &mut io::sink())
-                            .map_err(|source| TarError::Read { source })?,
-                    },
-                };
-                entry.size = size;
-                if size > 0 {
+                entry.size = file_content(&mut te, data_dir, DataRef { id }, sparse, &bad)?;
+                if entry.size > 0 {
                     entry.data = Some(DataRef { id });
                     next_id = next_id
                         .checked_add(1)
@@ -182,6 +102,109 @@ pub fn index_layer<R: Read>(reader: R, data_dir: Option<&Path>) -> Result<LayerI
         entries.retain(|e| !estargz::is_meta_name(&e.path));
     }
     Ok(LayerIndex { entries })
+}
+
+/// What a tar entry is, or `None` for entries that carry no file (global PAX headers).
+fn entry_kind<R: Read>(te: &tar::Entry<'_, R>, shown: &str) -> Option<EntryKind> {
+    Some(match te.header().entry_type() {
+        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => EntryKind::File,
+        EntryType::Directory => EntryKind::Dir,
+        EntryType::Symlink => EntryKind::Symlink,
+        EntryType::Link => EntryKind::Hardlink,
+        EntryType::Char => EntryKind::CharDev,
+        EntryType::Block => EntryKind::BlockDev,
+        EntryType::Fifo => EntryKind::Fifo,
+        // Global PAX headers carry no entry; we read no archive-wide defaults from them
+        // (umoci ignores them as well).
+        EntryType::XGlobalHeader => return None,
+        other => {
+            // Unknown types are treated as regular files by POSIX tar readers
+            // ("unrecognized typeflag … shall be treated as a regular file").
+            tracing::debug!(path = %shown, typeflag = ?other, "unknown tar type, treating as file");
+            EntryKind::File
+        }
+    })
+}
+
+/// The entry's metadata from its header and PAX records (mode, owners, mtime with ns,
+/// xattrs), and the layout of a sparse file (whose PAX name, if any, replaces `path`).
+fn entry_metadata<R: Read>(
+    te: &mut tar::Entry<'_, R>,
+    path: Vec<u8>,
+    kind: EntryKind,
+    bad: &impl Fn(String) -> TarError,
+) -> Result<(Entry, Option<SparseLayout>), TarError> {
+    let header = te.header().clone();
+    let old = header.as_old();
+    let mode = numeric(header.mode().map(u64::from), &old.mode).map_err(bad)?;
+    let mut entry = Entry::new(path, kind, (mode & 0o7777) as u32);
+    entry.uid = u32::try_from(numeric(header.uid(), &old.uid).map_err(bad)?)
+        .map_err(|_| bad("uid does not fit in 32 bits".into()))?;
+    entry.gid = u32::try_from(numeric(header.gid(), &old.gid).map_err(bad)?)
+        .map_err(|_| bad("gid does not fit in 32 bits".into()))?;
+    entry.mtime = Timespec {
+        sec: numeric(header.mtime(), &old.mtime).map_err(bad)? as i64,
+        nsec: 0,
+    };
+
+    let mut sparse = PaxSparse::default();
+    if let Some(pax) = te
+        .pax_extensions()
+        .map_err(|source| TarError::Read { source })?
+    {
+        for ext in pax {
+            let ext = ext.map_err(|source| TarError::Read { source })?;
+            let key = ext.key_bytes();
+            if key == b"mtime" {
+                if let Some(ts) = parse_pax_time(ext.value_bytes()) {
+                    entry.mtime = ts;
+                }
+            } else if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                entry.xattrs.push(Xattr {
+                    name: name.to_vec(),
+                    value: ext.value_bytes().to_vec(),
+                });
+            } else if let Some(key) = key.strip_prefix(b"GNU.sparse.") {
+                sparse.record(key, ext.value_bytes());
+            }
+        }
+    }
+    let sparse = match kind {
+        EntryKind::File => sparse.layout().map_err(bad)?,
+        _ => None,
+    };
+    if let Some(s) = &sparse
+        && let Some(name) = &s.name
+    {
+        entry.path = clean_path(name);
+    }
+    Ok((entry, sparse))
+}
+
+/// A regular file's content, written to `data` under `data_dir` (or read past, when only
+/// indexing); returns its size. An empty file leaves no data file.
+fn file_content<R: Read>(
+    te: &mut tar::Entry<'_, R>,
+    data_dir: Option<&Path>,
+    data: DataRef,
+    sparse: Option<SparseLayout>,
+    bad: &impl Fn(String) -> TarError,
+) -> Result<u64, TarError> {
+    let Some(dir) = data_dir else {
+        return match sparse {
+            Some(s) => write_sparse(te, None, &s, bad),
+            None => io::copy(te, &mut io::sink()).map_err(|source| TarError::Read { source }),
+        };
+    };
+    let file_path = data_path(dir, data);
+    let n = match sparse {
+        Some(s) => write_sparse(te, Some(&file_path), &s, bad)?,
+        None => write_file(te, &file_path)?,
+    };
+    if n == 0 {
+        let _ = std::fs::remove_file(&file_path);
+    }
+    Ok(n)
 }
 
 /// Where the content with `data` lives under a layer's data directory.
