@@ -768,30 +768,14 @@ impl Client {
         service: Option<&str>,
         scope: Option<&str>,
     ) -> Result<Token, Error> {
-        let mut url = url::Url::parse(realm).map_err(|e| Error::Url {
-            url: realm.to_owned(),
-            reason: format!("token realm from the registry's challenge: {e}"),
-        })?;
-        if !matches!(url.scheme(), "https" | "http") {
-            return Err(Error::Url {
-                url: realm.to_owned(),
-                reason: "token realm is not an http(s) URL".to_owned(),
-            });
-        }
         let identity = self.identity(&call.registry).await;
         let refresh_token = match &identity {
             Some(Identity::RefreshToken(token)) => Some(token.clone()),
             _ => None,
         };
-        if refresh_token.is_none() && (service.is_some() || scope.is_some()) {
-            let mut query = url.query_pairs_mut();
-            if let Some(service) = service {
-                query.append_pair("service", service);
-            }
-            if let Some(scope) = scope {
-                query.append_pair("scope", scope);
-            }
-        }
+        // A refresh token goes in a POST form with service and scope; else they are query
+        // parameters of the GET.
+        let url = token_url(realm, service, scope, refresh_token.is_none())?;
         let shown = url.to_string();
         let timeout = self.inner.config.timeout;
         let subject = Subject::Other {
@@ -839,27 +823,7 @@ impl Client {
             .run(|_| attempt(), |f: &Failed| f.verdict)
             .await
             .map_err(|f| f.error)?;
-        let status = response.status();
-        tracing::debug!(url = %shown, %status, "token response");
-        let name = call.subject.name().to_owned();
-        if status == StatusCode::UNAUTHORIZED {
-            return Err(match identity {
-                Some(identity) => Error::AuthenticationFailed {
-                    name,
-                    identity: identity.describe(),
-                },
-                None => Error::AuthenticationRequired { name },
-            });
-        }
-        if !status.is_success() {
-            let envelope = read_envelope(response).await;
-            return Err(errors::from_status(&shown, status, envelope, &subject));
-        }
-        let body = read_body(response, &shown, SMALL_BODY_MAX, timeout).await?;
-        let received = Instant::now();
-        TokenResponse::parse(&body)
-            .and_then(|r| r.into_token(received))
-            .map_err(|reason| Error::Token { url: shown, reason })
+        token_from_response(response, shown, call, identity, &subject, timeout).await
     }
 
     /// Who we are at `registry`: the explicit credentials, else the docker config's.
@@ -915,6 +879,69 @@ impl Client {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The token endpoint from a challenge's realm (http or https only), with `service` and
+/// `scope` as query parameters when `in_query`.
+fn token_url(
+    realm: &str,
+    service: Option<&str>,
+    scope: Option<&str>,
+    in_query: bool,
+) -> Result<url::Url, Error> {
+    let mut url = url::Url::parse(realm).map_err(|e| Error::Url {
+        url: realm.to_owned(),
+        reason: format!("token realm from the registry's challenge: {e}"),
+    })?;
+    if !matches!(url.scheme(), "https" | "http") {
+        return Err(Error::Url {
+            url: realm.to_owned(),
+            reason: "token realm is not an http(s) URL".to_owned(),
+        });
+    }
+    if in_query && (service.is_some() || scope.is_some()) {
+        let mut query = url.query_pairs_mut();
+        if let Some(service) = service {
+            query.append_pair("service", service);
+        }
+        if let Some(scope) = scope {
+            query.append_pair("scope", scope);
+        }
+    }
+    Ok(url)
+}
+
+/// The token in a token endpoint's final answer; a 401 means the credentials (or their
+/// absence) were refused.
+async fn token_from_response(
+    response: reqwest::Response,
+    shown: String,
+    call: &Call,
+    identity: Option<Identity>,
+    subject: &Subject,
+    timeout: std::time::Duration,
+) -> Result<Token, Error> {
+    let status = response.status();
+    tracing::debug!(url = %shown, %status, "token response");
+    let name = call.subject.name().to_owned();
+    if status == StatusCode::UNAUTHORIZED {
+        return Err(match identity {
+            Some(identity) => Error::AuthenticationFailed {
+                name,
+                identity: identity.describe(),
+            },
+            None => Error::AuthenticationRequired { name },
+        });
+    }
+    if !status.is_success() {
+        let envelope = read_envelope(response).await;
+        return Err(errors::from_status(&shown, status, envelope, subject));
+    }
+    let body = read_body(response, &shown, SMALL_BODY_MAX, timeout).await?;
+    let received = Instant::now();
+    TokenResponse::parse(&body)
+        .and_then(|r| r.into_token(received))
+        .map_err(|reason| Error::Token { url: shown, reason })
 }
 
 fn basic_header(username: &str, password: &Secret) -> HeaderValue {
