@@ -332,14 +332,7 @@ impl Resolver {
         let (served, s1) = if top.from_registry {
             (top.bytes, s1)
         } else {
-            let resp = self
-                .client
-                .manifest(
-                    reference.registry(),
-                    reference.repository(),
-                    &digest.to_string(),
-                )
-                .await?;
+            let resp = self.manifest_by_digest(reference, digest).await?;
             match crate::oci::manifest::parse_manifest(&resp.bytes, None) {
                 Ok(Manifest::Schema1(s1)) => (resp.bytes.to_vec(), s1),
                 _ => {
@@ -423,6 +416,22 @@ impl Resolver {
             .collect())
     }
 
+    /// The manifest `digest` of `reference`'s repository, from the registry (verified).
+    async fn manifest_by_digest(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+    ) -> Result<crate::registry::ManifestResponse, Error> {
+        Ok(self
+            .client
+            .manifest(
+                reference.registry(),
+                reference.repository(),
+                &digest.to_string(),
+            )
+            .await?)
+    }
+
     /// A cached manifest or config; a digest naming something large (a layer blob) is
     /// refused before it is read into memory.
     fn read_document(&self, digest: &Digest) -> Result<Vec<u8>, Error> {
@@ -466,14 +475,7 @@ impl Resolver {
                 .await?;
             (b.to_vec(), None)
         } else {
-            let r = self
-                .client
-                .manifest(
-                    reference.registry(),
-                    reference.repository(),
-                    &digest.to_string(),
-                )
-                .await?;
+            let r = self.manifest_by_digest(reference, digest).await?;
             (r.bytes.to_vec(), r.content_type)
         };
         self.store.put_blob_bytes(digest, &bytes)?;
