@@ -77,6 +77,12 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(ok, image.layers.len() == config.rootfs.diff_ids.len());
             }
         }
+        Manifest::Schema1(s1) => {
+            // Converting never panics, whatever diff_ids it is given.
+            let blobs = s1.layer_blobs();
+            let diff_ids: Vec<_> = blobs.iter().map(|d| (*d).clone()).collect();
+            let _ = s1.image_config(&diff_ids);
+        }
     }
 });
 
