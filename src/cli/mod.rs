@@ -163,27 +163,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// The error and its causes on one line ("layer sha256:…: fetching …: connection refused"),
 /// skipping a cause whose text the line already contains (library errors often include
-/// their source in their own message), and the part of a cause that repeats the context
-/// above it ("layer X" over "layer X: writing …" gives "layer X: writing …").
+/// their source in their own message).
 pub fn error_line(err: &anyhow::Error) -> String {
     let mut line = String::new();
-    let mut previous = String::new();
     for cause in err.chain() {
         let text = cause.to_string();
         if line.contains(&text) {
             continue;
         }
-        let new = match text.strip_prefix(previous.as_str()) {
-            Some(rest) if !previous.is_empty() => rest.trim_start_matches(": "),
-            _ => text.as_str(),
-        };
-        if !new.is_empty() {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(new);
+        if !line.is_empty() {
+            line.push_str(": ");
         }
-        previous = text;
+        line.push_str(&text);
     }
     line
 }
@@ -259,13 +250,12 @@ mod tests {
     }
 
     #[test]
-    fn repeated_context_is_said_once() {
-        let inner = anyhow::anyhow!("layer sha256:ab: writing x: No space left on device");
-        let err = inner.context("layer sha256:ab");
-        assert_eq!(
-            error_line(&err),
-            "layer sha256:ab: writing x: No space left on device"
-        );
+    fn causes_are_joined_and_repeats_skipped() {
+        // A cause already in the line (a library error that shows its source) is not
+        // repeated.
+        let err = anyhow::Error::new(std::io::Error::other("disk full"))
+            .context("layer sha256:ab: writing x: disk full");
+        assert_eq!(error_line(&err), "layer sha256:ab: writing x: disk full");
         let err = anyhow::anyhow!("connection refused")
             .context("fetching y")
             .context("layer z");

@@ -110,10 +110,7 @@ pub async fn fetch_layers(
             store
                 .ensure_layer(source, &job, progress)
                 .await
-                .map_err(|source| Error::Layer {
-                    digest: job.digest.clone(),
-                    source: Box::new(source),
-                })
+                .map_err(Error::from)
         });
     }
     while let Some(r) = tasks.join_next().await {
@@ -266,10 +263,7 @@ impl MountedImage {
                     self.store
                         .ensure_layer(source, job, Arc::new(|_| {}))
                         .await
-                        .map_err(|e| Error::Layer {
-                            digest: job.digest.clone(),
-                            source: Box::new(e),
-                        })
+                        .map_err(Error::from)
                 }
             });
         let mut results = futures_util::stream::iter(whole).buffer_unordered(LAYER_CONCURRENCY);
@@ -374,10 +368,7 @@ impl MountedImage {
                 tracing::debug!(digest = %desc.digest, "no eStargz footer read: {e}");
                 return Ok(None);
             }
-            l => l.map_err(|source| Error::Layer {
-                digest: desc.digest.clone(),
-                source: Box::new(source),
-            })?,
+            l => l.map_err(Error::from)?,
         };
         if let (Some(_), None) = (&l, &toc) {
             tracing::info!(digest = %desc.digest, "eStargz layer without a {TOC_DIGEST_ANNOTATION} annotation: served lazily with its TOC as the registry sent it (--require-toc-digest fetches such layers whole)");
@@ -401,10 +392,7 @@ impl MountedImage {
                 let source: Arc<dyn BlobSource> = self.source.clone();
                 self.rt
                     .block_on(self.store.ensure_layer(source, job, Arc::new(|_| {})))
-                    .map_err(|source| Error::Layer {
-                        digest: job.digest.clone(),
-                        source: Box::new(source),
-                    })?;
+                    .map_err(Error::from)?;
                 self.whole.lock().expect("whole lock").insert(layer);
             }
         }

@@ -86,12 +86,6 @@ pub enum Error {
     #[error(transparent)]
     Schema1Convert(#[from] Schema1Error),
     #[error("layer {digest}")]
-    Layer {
-        digest: Digest,
-        #[source]
-        source: Box<StoreError>,
-    },
-    #[error("layer {digest}")]
     LayerMedia {
         digest: Digest,
         #[source]

@@ -390,10 +390,7 @@ impl Resolver {
                     )
                     .await
                     .map(|found| (blob.clone(), found))
-                    .map_err(|source| Error::Layer {
-                        digest: blob.clone(),
-                        source: Box::new(source),
-                    })
+                    .map_err(Error::from)
             }
         });
         let mut found = std::collections::HashMap::new();
