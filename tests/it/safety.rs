@@ -71,18 +71,8 @@ fn sys_mount(args: &[&str], target: &Path) {
     assert!(status.success(), "mount {args:?} {}", target.display());
 }
 
-/// Unmounts what a test mounted itself, whatever it is.
-struct SysMount(PathBuf);
-
-impl Drop for SysMount {
-    fn drop(&mut self) {
-        if is_mounted(&self.0) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
-
-/// Unmounts whatever is stacked at a mount point when a test ends, passed or failed.
+/// Unmounts whatever is stacked at a mount point (imagefs, tmpfs, bind) when a test ends,
+/// passed or failed, and waits for an imagefs daemon there to exit.
 struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
@@ -100,6 +90,20 @@ impl Drop for Cleanup {
         }
         cleanup(&self.0);
     }
+}
+
+/// `setpriv` running `program` as `nobody` (uid and gid 65534, no supplementary groups).
+fn as_nobody(program: impl AsRef<Path>) -> Cmd {
+    Cmd::program("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(program.as_ref())
 }
 
 /// The imagefs binary where an unprivileged user can run it (the build directory may not be
@@ -127,16 +131,7 @@ impl AsNobody {
     }
 
     fn cmd(&self, args: &[&str]) -> Cmd {
-        Cmd::program("setpriv")
-            .args([
-                "--reuid",
-                "65534",
-                "--regid",
-                "65534",
-                "--clear-groups",
-                "--",
-            ])
-            .arg(self.dir.path().join("imagefs"))
+        as_nobody(self.dir.path().join("imagefs"))
             .args(args)
             .env("HOME", self.dir.path())
             .env("XDG_CACHE_HOME", self.dir.path().join("cache"))
@@ -160,7 +155,7 @@ fn umount_refuses_anything_but_an_imagefs_mount() {
     let tmpfs = scratch.path().join("tmpfs");
     fs::create_dir(&tmpfs).unwrap();
     sys_mount(&["-t", "tmpfs", "-o", "size=1m", "imagefs-test"], &tmpfs);
-    let _t = SysMount(tmpfs.clone());
+    let _t = Cleanup(tmpfs.clone());
     umount_cmd(&tmpfs)
         .run()
         .assert_failure_contains("is not an imagefs mount (it is a tmpfs mount");
@@ -170,7 +165,7 @@ fn umount_refuses_anything_but_an_imagefs_mount() {
     fs::create_dir(&src).unwrap();
     fs::create_dir(&bind).unwrap();
     sys_mount(&["--bind", src.to_str().unwrap()], &bind);
-    let _b = SysMount(bind.clone());
+    let _b = Cleanup(bind.clone());
     umount_cmd(&bind)
         .run()
         .assert_failure_contains("is not an imagefs mount");
@@ -260,17 +255,8 @@ fn an_unprivileged_user_cannot_use_the_images_setuid_programs_or_devices() {
     // The bits are shown, the kernel does not honour them (nosuid) nor open devices (nodev).
     let su = fs::metadata(mp.join("bin/su")).unwrap();
     assert_eq!(su.mode() & 0o7777, 0o4755);
-    let open = Cmd::program("setpriv")
+    let open = as_nobody("sh")
         .args([
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-            "--",
-        ])
-        .args([
-            "sh",
             "-c",
             "exec 3<>\"$0\"",
             mp.join("dev/null").to_str().unwrap(),
@@ -496,7 +482,7 @@ fn a_full_disk_is_one_line_naming_the_layer_once() {
         &["-t", "tmpfs", "-o", "size=1m,mode=0700", "imagefs-test"],
         &cache,
     );
-    let _t = SysMount(cache.clone());
+    let _t = Cleanup(cache.clone());
     let out = with_cache(&cache, &["-q", "pull", &reference]).run();
     out.assert_failure_contains("No space left on device");
     let err = out.stderr_str();
