@@ -113,10 +113,13 @@ pub fn run(g: &GlobalOpts, mut args: MountArgs) -> anyhow::Result<ExitCode> {
         true => None,
         false => Some(lock_mountpoint(&canonical)?),
     };
-    check_mountpoint(&canonical, mp, args.nonempty)?;
-    let (suid, dev) = (args.suid || args.rootfs, args.dev || args.rootfs);
-    if args.allow_other && (suid || dev) {
-        check_unreachable_by_others(&canonical)?;
+    // The parent of a daemon checked already, and holds the lock until the daemon is done.
+    if !daemon {
+        check_mountpoint(&canonical, mp, args.nonempty)?;
+        let (suid, dev) = (args.suid || args.rootfs, args.dev || args.rootfs);
+        if args.allow_other && (suid || dev) {
+            check_unreachable_by_others(&canonical)?;
+        }
     }
     args.mountpoint = canonical;
     if args.foreground || daemon {
