@@ -15,9 +15,13 @@
 //!    (lazy layers, the merged tree, prefetch) as the `fs` backend.
 //! 9. [`cli`] wires it together for the `imagefs` binary.
 //!
+//! [`error::Chain`] shows an error with its causes; every error type keeps its cause in
+//! `source()`, not in its message.
+//!
 //! Invariants are listed in `docs/architecture.md`.
 
 pub mod cli;
+pub mod error;
 pub mod fs;
 pub mod image;
 pub mod layer;

@@ -91,7 +91,7 @@ async fn has_estargz_footer(
     match ranges.fetch_range(&layer.digest, start..layer.size).await {
         Ok(tail) => parse_footer(&tail).is_ok(),
         Err(e) => {
-            tracing::debug!(digest = %layer.digest, "no eStargz footer read: {e}");
+            tracing::debug!(digest = %layer.digest, "no eStargz footer read: {}", crate::error::Chain(&*e));
             false
         }
     }

@@ -161,22 +161,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The error and its causes on one line ("layer sha256:…: fetching …: connection refused"),
-/// skipping a cause whose text the line already contains (library errors often include
-/// their source in their own message).
+/// The error and its causes on one line ("layer sha256:…: fetching …: connection refused").
+/// Each cause is printed once because every error type keeps its cause in `source()`, not in
+/// its own message (see [`crate::error`]).
 pub fn error_line(err: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
+    format!("{err:#}")
 }
 
 /// Parse the command line; a usage error becomes one `imagefs: …` line on stderr and exit
@@ -250,15 +239,17 @@ mod tests {
     }
 
     #[test]
-    fn causes_are_joined_and_repeats_skipped() {
-        // A cause already in the line (a library error that shows its source) is not
-        // repeated.
-        let err = anyhow::Error::new(std::io::Error::other("disk full"))
-            .context("layer sha256:ab: writing x: disk full");
-        assert_eq!(error_line(&err), "layer sha256:ab: writing x: disk full");
+    fn causes_are_joined_each_once() {
         let err = anyhow::anyhow!("connection refused")
             .context("fetching y")
             .context("layer z");
         assert_eq!(error_line(&err), "layer z: fetching y: connection refused");
+        // A library error with a typed source: its own message, then the cause, once.
+        let err = anyhow::Error::new(crate::store::StoreError::Io {
+            path: "x".into(),
+            source: std::io::Error::other("disk full"),
+        })
+        .context("layer sha256:ab");
+        assert_eq!(error_line(&err), "layer sha256:ab: x: disk full");
     }
 }

@@ -328,7 +328,10 @@ fn serve(
     if image.is_local()
         && let Err(e) = image.tree()
     {
-        tracing::warn!("building the tree of a cached image: {e}");
+        tracing::warn!(
+            "building the tree of a cached image: {}",
+            crate::error::Chain(&e)
+        );
     }
     let opts = MountOptions {
         fs_name: format!("imagefs:{reference}"),
@@ -352,7 +355,7 @@ fn serve(
         tracing::info!("signal received, unmounting");
         let _ = tokio::task::spawn_blocking(move || {
             if let Err(e) = unmounter.unmount() {
-                tracing::error!("{e}");
+                tracing::error!("{}", crate::error::Chain(&e));
             }
         })
         .await;

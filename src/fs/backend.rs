@@ -59,17 +59,16 @@ impl BackendError {
     }
 }
 
-/// The error and its causes, `: `-separated (the FUSE boundary logs this one line).
+/// Transparent: the backend's error's message, and its causes as `source()` (show it with
+/// [`crate::error::Chain`]).
 impl std::fmt::Display for BackendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cause = self.0.source();
-        while let Some(c) = cause {
-            write!(f, ": {c}")?;
-            cause = c.source();
-        }
-        Ok(())
+        self.0.fmt(f)
     }
 }
 
-impl std::error::Error for BackendError {}
+impl std::error::Error for BackendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}

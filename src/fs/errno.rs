@@ -24,15 +24,15 @@ pub(crate) enum OpError {
     TooSmall,
     #[error("file handle is not open")]
     NotOpen,
-    #[error("the image tree is unavailable: {0}")]
-    Tree(BackendError),
-    #[error("fetching layer {layer} file {id} failed: {source}")]
+    #[error("the image tree is unavailable")]
+    Tree(#[source] BackendError),
+    #[error("fetching layer {layer} file {id} failed")]
     Data {
         layer: u32,
         id: u32,
         source: BackendError,
     },
-    #[error("reading layer {layer} file {id} at offset {offset} failed: {source}")]
+    #[error("reading layer {layer} file {id} at offset {offset} failed")]
     Read {
         layer: u32,
         id: u32,
@@ -45,6 +45,7 @@ impl OpError {
     /// Log (at the level the failure deserves) and convert.
     pub(crate) fn errno(self, op: &'static str, ino: INodeNo) -> Errno {
         let ino = ino.0;
+        let line = crate::error::Chain(&self);
         match &self {
             OpError::NotFound => tracing::trace!(op, ino, "{self}"),
             OpError::NoAttr | OpError::TooSmall => tracing::trace!(op, ino, "{self}"),
@@ -52,7 +53,7 @@ impl OpError {
                 tracing::debug!(op, ino, "{self}")
             }
             OpError::NotOpen | OpError::Tree(_) | OpError::Data { .. } | OpError::Read { .. } => {
-                tracing::warn!(op, ino, "{self}")
+                tracing::warn!(op, ino, "{line}")
             }
         }
         match self {
@@ -107,7 +108,7 @@ mod tests {
             source: BackendError::new("sha256:abc: connection reset"),
         };
         assert_eq!(
-            e.to_string(),
+            crate::error::Chain(&e).to_string(),
             "fetching layer 3 file 17 failed: sha256:abc: connection reset"
         );
     }

@@ -63,7 +63,7 @@ pub struct MountOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
-    #[error("cannot mount at {}: {source}", mountpoint.display())]
+    #[error("cannot mount at {}", mountpoint.display())]
     Mount {
         mountpoint: PathBuf,
         source: io::Error,
@@ -86,15 +86,16 @@ pub enum FsError {
         mode: u32,
         owner: u32,
     },
-    #[error("the FUSE session at {} failed: {source}", mountpoint.display())]
+    #[error("the FUSE session at {} failed", mountpoint.display())]
     Session {
         mountpoint: PathBuf,
         source: io::Error,
     },
-    #[error("cannot unmount {}: {source}; try `fusermount3 -u {}`", mountpoint.display(), mountpoint.display())]
+    /// Ends in advice, so the cause is in the message, not `source()`.
+    #[error("cannot unmount {}: {cause}; try `fusermount3 -u {}`", mountpoint.display(), mountpoint.display())]
     Unmount {
         mountpoint: PathBuf,
-        source: io::Error,
+        cause: io::Error,
     },
 }
 
@@ -289,14 +290,14 @@ impl Unmounter {
                     mountpoint = %self.mountpoint.display(),
                     "mount busy; detached lazily, serving until its last user leaves"
                 );
-                lazy_unmount(&self.mountpoint).map_err(|source| FsError::Unmount {
+                lazy_unmount(&self.mountpoint).map_err(|cause| FsError::Unmount {
                     mountpoint: self.mountpoint.clone(),
-                    source,
+                    cause,
                 })
             }
-            Err(source) => Err(FsError::Unmount {
+            Err(cause) => Err(FsError::Unmount {
                 mountpoint: self.mountpoint.clone(),
-                source,
+                cause,
             }),
         }
     }

@@ -130,7 +130,7 @@ pub fn enforce_cache_bound(store: &Store, max: Option<u64>, current: &Digest) {
             "cache over its bound: evicted the least recently used images"
         ),
         Ok(_) => {}
-        Err(e) => tracing::warn!("enforcing the cache bound: {e}"),
+        Err(e) => tracing::warn!("enforcing the cache bound: {}", crate::error::Chain(&e)),
     }
 }
 
@@ -286,7 +286,7 @@ impl MountedImage {
         }
         let fetches = lazy.iter().flatten().map(|l| async move {
             if let Err(e) = l.fetch_landmark(&*self.ranges).await {
-                tracing::warn!(digest = %l.digest(), "prefetching the landmark region: {e}");
+                tracing::warn!(digest = %l.digest(), "prefetching the landmark region: {}", crate::error::Chain(&e));
             }
         });
         futures_util::future::join_all(fetches).await;
@@ -309,7 +309,7 @@ impl MountedImage {
                         ms = started.elapsed().as_millis() as u64,
                         "prefetch done"
                     ),
-                    Err(e) => tracing::warn!(digest = %l.digest(), "prefetch stopped: {e}"),
+                    Err(e) => tracing::warn!(digest = %l.digest(), "prefetch stopped: {}", crate::error::Chain(&e)),
                 }
             });
         }
@@ -365,7 +365,7 @@ impl MountedImage {
             // (offline, say), the layer is what its media type says, fetched whole (or found
             // in the cache) like any gzip layer.
             Err(e) if toc.is_none() => {
-                tracing::debug!(digest = %desc.digest, "no eStargz footer read: {e}");
+                tracing::debug!(digest = %desc.digest, "no eStargz footer read: {}", crate::error::Chain(&e));
                 return Ok(None);
             }
             l => l.map_err(Error::from)?,

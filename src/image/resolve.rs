@@ -298,7 +298,10 @@ impl Resolver {
             &manifest.config.digest,
             layers,
         ) {
-            tracing::warn!("recording {reference} in the cache index: {e}");
+            tracing::warn!(
+                "recording {reference} in the cache index: {}",
+                crate::error::Chain(&e)
+            );
         }
     }
 

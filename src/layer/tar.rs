@@ -22,14 +22,14 @@ use super::index::{DataRef, Entry, EntryKind, LayerIndex, Timespec, Xattr, clean
 
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
-    #[error("reading the layer tar: {source}")]
+    #[error("reading the layer tar")]
     Read {
         #[source]
         source: io::Error,
     },
     #[error("tar entry {path:?}: {message}")]
     Entry { path: String, message: String },
-    #[error("writing {}: {source}", path.display())]
+    #[error("writing {}", path.display())]
     Write {
         path: PathBuf,
         #[source]

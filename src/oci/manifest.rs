@@ -211,8 +211,9 @@ pub enum ManifestError {
         document: &'static str,
         reason: String,
     },
+    /// Ends in advice, so the cause is in the message, not `source()`.
     #[error("schema 1 manifest: {0}: the image is malformed, re-push it with a current client")]
-    Schema1(#[from] Schema1Error),
+    Schema1(Schema1Error),
     #[error("unsupported manifest schemaVersion {version}: expected 2")]
     SchemaVersion { version: String },
     #[error(

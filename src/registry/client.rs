@@ -297,7 +297,7 @@ impl Client {
             Err(e) => {
                 return Err(Error::BadResponse {
                     url,
-                    reason: crate::oci::ManifestError::from(e).to_string(),
+                    reason: crate::oci::ManifestError::Schema1(e).to_string(),
                 });
             }
         };

@@ -71,7 +71,7 @@ impl fmt::Display for ErrorEnvelope {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read CA certificate {path}: {source}")]
+    #[error("cannot read CA certificate {path}")]
     CaCertRead {
         path: PathBuf,
         source: std::io::Error,

@@ -59,7 +59,7 @@ pub struct Converted {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -81,13 +81,13 @@ pub enum StoreError {
         expected: u64,
         actual: u64,
     },
-    #[error("fetching blob {digest}: {source}")]
+    #[error("fetching blob {digest}")]
     Source {
         digest: Digest,
         #[source]
         source: SourceError,
     },
-    #[error("layer {digest}: {source}")]
+    #[error("layer {digest}")]
     Layer {
         digest: Digest,
         #[source]
@@ -113,14 +113,14 @@ pub enum LayerFault {
     /// The eStargz TOC.
     #[error(transparent)]
     Toc(crate::layer::estargz::EstargzError),
-    #[error("file {file} chunk {chunk}: {source}")]
+    #[error("file {file} chunk {chunk}")]
     Chunk {
         file: u32,
         chunk: u32,
         #[source]
         source: crate::layer::estargz::EstargzError,
     },
-    #[error("reading file {file} of the extracted layer: {source}")]
+    #[error("reading file {file} of the extracted layer")]
     ExtractedRead {
         file: u32,
         #[source]

@@ -595,7 +595,7 @@ fn is_local_storage_failure(e: &StoreError) -> bool {
     )
 }
 
-/// A failed attempt: worth resuming (`Transient`) or not.
+/// A failed attempt: worth resuming (`Transient`) or not. Shown with its causes.
 enum Failure {
     Transient(StoreError),
     Final(StoreError),
@@ -612,7 +612,7 @@ impl Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (Failure::Transient(e) | Failure::Final(e)) = self;
-        e.fmt(f)
+        crate::error::Chain(e).fmt(f)
     }
 }
 

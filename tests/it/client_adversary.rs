@@ -968,6 +968,8 @@ fn unusable_ca_certificates_are_named() {
             ..config()
         })
         .unwrap_err();
-        assert!(err.to_string().starts_with(&want), "{err}");
+        // The message with its cause (the io::Error is the error's source).
+        let err = imagefs::error::Chain(&err).to_string();
+        assert!(err.starts_with(&want), "{err}");
     }
 }

@@ -91,11 +91,9 @@ pub enum EstargzError {
         "eStargz TOC member is {size} bytes, more than the {max}-byte limit (fetch the layer whole instead)"
     )]
     TocMemberTooLarge { size: u64, max: u64 },
-    #[error("reading the eStargz TOC member: {source} (corrupt layer: fetch it whole instead)")]
-    TocMember {
-        #[source]
-        source: io::Error,
-    },
+    /// Ends in advice, so the cause is in the message, not `source()`.
+    #[error("reading the eStargz TOC member: {cause} (corrupt layer: fetch it whole instead)")]
+    TocMember { cause: io::Error },
     #[error(
         "the eStargz TOC member holds {name:?}, not {TOC_NAME} (corrupt layer: fetch it whole instead)"
     )]
@@ -108,11 +106,8 @@ pub enum EstargzError {
         "eStargz TOC digest mismatch: the manifest says {expected}, the TOC is {actual} (the layer does not match its manifest: re-pull the image)"
     )]
     TocDigestMismatch { expected: Digest, actual: Digest },
-    #[error("parsing the eStargz TOC JSON: {source} (corrupt layer: fetch it whole instead)")]
-    TocJson {
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error("parsing the eStargz TOC JSON: {cause} (corrupt layer: fetch it whole instead)")]
+    TocJson { cause: serde_json::Error },
     #[error(
         "eStargz TOC version {version} is not supported (only version 1 is): fetch the layer whole instead"
     )]

@@ -208,7 +208,7 @@ pub fn parse_toc_member(
 
 /// The JSON bytes of the TOC tar entry, reading the whole gzip member so its CRC is checked.
 pub(super) fn toc_json(member: &[u8]) -> Result<Vec<u8>, EstargzError> {
-    let read = |source| EstargzError::TocMember { source };
+    let read = |cause| EstargzError::TocMember { cause };
     let limit = MAX_TOC_JSON_SIZE + TOC_FRAMING_ALLOWANCE;
     // One member only (Go reads it with Multistream(false)); bytes after it are ignored.
     let mut gz = flate2::bufread::GzDecoder::new(member).take(limit);
@@ -264,7 +264,7 @@ pub(super) fn toc_json(member: &[u8]) -> Result<Vec<u8>, EstargzError> {
 
 fn parse_toc_json(json: &[u8], digest: Digest) -> Result<Toc, EstargzError> {
     let raw: RawToc =
-        serde_json::from_slice(json).map_err(|source| EstargzError::TocJson { source })?;
+        serde_json::from_slice(json).map_err(|cause| EstargzError::TocJson { cause })?;
     let version = raw.version.unwrap_or(0);
     if version != 1 {
         return Err(EstargzError::TocVersion { version });

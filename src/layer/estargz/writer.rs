@@ -82,7 +82,7 @@ pub enum WriteError {
     ChunkSize,
     #[error("cannot write {path:?} into an eStargz layer: {reason}")]
     Entry { path: String, reason: String },
-    #[error("writing the eStargz blob: {source}")]
+    #[error("writing the eStargz blob")]
     Io {
         #[source]
         source: io::Error,
