@@ -118,7 +118,7 @@ fn mirrors(g: &GlobalOpts) -> anyhow::Result<Vec<Mirror>> {
         let Some((registry, url)) = m.split_once('=') else {
             bail!("--mirror {m:?}: expected REGISTRY=URL, e.g. docker.io=http://127.0.0.1:5000");
         };
-        out.push(Mirror::new(registry, url).map_err(|e| anyhow::anyhow!("--mirror: {e}"))?);
+        out.push(Mirror::new(registry, url).context("--mirror")?);
     }
     let (dir, explicit) = match &g.hosts_dir {
         Some(d) => (d.clone(), true),
@@ -188,7 +188,7 @@ pub fn parse_hosts_toml(registry: &str, text: &str) -> anyhow::Result<Vec<Mirror
         if !can("pull") {
             continue;
         }
-        let mut mirror = Mirror::new(registry, &url).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut mirror = Mirror::new(registry, &url)?;
         mirror.resolve = can("resolve");
         out.push(mirror);
     }

@@ -80,30 +80,30 @@ pub struct Mirror {
 impl Mirror {
     /// A mirror of `registry` at `url` (`http://host[:port]` or `https://…`; a path is refused:
     /// the API lives at `/v2/` of the host).
-    pub fn new(registry: &str, url: &str) -> Result<Mirror, String> {
+    pub fn new(registry: &str, url: &str) -> Result<Mirror, MirrorError> {
+        let url_owned = || url.to_owned();
         if !url.contains("://") {
-            return Err(format!(
-                "mirror URL {url:?}: give the scheme, e.g. http://{url} or https://{url}"
-            ));
+            return Err(MirrorError::NoScheme { url: url_owned() });
         }
-        let parsed = url::Url::parse(url).map_err(|e| format!("mirror URL {url:?}: {e}"))?;
+        let parsed = url::Url::parse(url).map_err(|source| MirrorError::Parse {
+            url: url_owned(),
+            source,
+        })?;
         let scheme = parsed.scheme();
         if scheme != "http" && scheme != "https" {
-            return Err(format!(
-                "mirror URL {url:?}: the scheme must be http or https"
-            ));
+            return Err(MirrorError::Scheme { url: url_owned() });
         }
         let Some(host) = parsed.host_str() else {
-            return Err(format!("mirror URL {url:?} has no host"));
+            return Err(MirrorError::NoHost { url: url_owned() });
         };
         let path = parsed.path().trim_end_matches('/');
         if !(path.is_empty() || path == "/v2") || parsed.query().is_some() {
-            return Err(format!(
-                "mirror URL {url:?}: give the host only (the API is at /v2/ of it)"
-            ));
+            return Err(MirrorError::HasPath { url: url_owned() });
         }
         if registry.is_empty() || registry.contains('/') {
-            return Err(format!("mirror for {registry:?}: not a registry host"));
+            return Err(MirrorError::NotRegistry {
+                registry: registry.to_owned(),
+            });
         }
         let host = match parsed.port() {
             Some(port) => format!("{host}:{port}"),
@@ -116,6 +116,27 @@ impl Mirror {
             resolve: true,
         })
     }
+}
+
+/// Why [`Mirror::new`] refused a mirror.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("mirror URL {url:?}: give the scheme, e.g. http://{url} or https://{url}")]
+    NoScheme { url: String },
+    #[error("mirror URL {url:?}")]
+    Parse {
+        url: String,
+        #[source]
+        source: url::ParseError,
+    },
+    #[error("mirror URL {url:?}: the scheme must be http or https")]
+    Scheme { url: String },
+    #[error("mirror URL {url:?} has no host")]
+    NoHost { url: String },
+    #[error("mirror URL {url:?}: give the host only (the API is at /v2/ of it)")]
+    HasPath { url: String },
+    #[error("mirror for {registry:?}: not a registry host")]
+    NotRegistry { registry: String },
 }
 
 impl Default for ClientConfig {
@@ -211,7 +232,7 @@ mod tests {
             ("", "http://x", "not a registry"),
             ("docker.io/library", "http://x", "not a registry"),
         ] {
-            let e = Mirror::new(reg, url).unwrap_err();
+            let e = Mirror::new(reg, url).unwrap_err().to_string();
             assert!(e.contains(why), "{reg} {url}: {e}");
         }
     }
