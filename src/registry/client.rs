@@ -1,6 +1,7 @@
 //! The [`Client`]: one request attempt that picks the URL scheme, authenticates and maps
 //! failures to [`Error`], wrapped in the crate's [`RetryPolicy`] (mirrors get one attempt
-//! each); and the four operations built on it.
+//! each); and the four operations built on it. How a request is authenticated (Basic, Bearer
+//! tokens per (host, scope)) is in [`token`].
 //!
 //! Endpoints (distribution-spec "Pull"): `GET /v2/` (ping), `GET /v2/<name>/manifests/<ref>`,
 //! `GET /v2/<name>/blobs/<digest>` (with `Range: bytes=…`, answered 206 with
@@ -14,7 +15,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt as _;
@@ -28,10 +29,12 @@ use crate::oci::media::{DOCKER_SCHEMA1_MANIFEST, DOCKER_SCHEMA1_SIGNED_MANIFEST,
 use crate::oci::{Digest, schema1};
 use crate::retry::{self, RetryPolicy, Verdict};
 
-use super::auth::{self, Scheme, Token, TokenResponse};
-use super::credentials::{self, Identity, Secret};
+use super::auth::{self, Scheme, Token};
+use super::credentials::{Identity, Secret};
 use super::errors::{self, Error, ErrorEnvelope, Subject};
 use super::{BlobStream, ClientConfig, ManifestResponse};
+
+mod token;
 
 /// Registries must accept manifests of at least 4 MiB (distribution-spec); refuse far more.
 const MANIFEST_MAX: u64 = 8 << 20;
@@ -687,181 +690,6 @@ impl Client {
             .map_err(|e| errors::from_reqwest(url, &e, self.inner.config.timeout))
     }
 
-    /// The Authorization header for `call`, from what its host asked for last time.
-    async fn authorization(&self, call: &Call, scope: Option<&str>) -> Result<Sent, Error> {
-        let scheme = self.lock_challenges().get(&call.host).cloned();
-        match scheme {
-            None => Ok(Sent {
-                header: None,
-                bearer: None,
-            }),
-            Some(Scheme::Basic) => match self.identity(&call.registry).await {
-                Some(Identity::Password(c)) => Ok(Sent {
-                    header: Some(basic_header(&c.username, &c.password)),
-                    bearer: None,
-                }),
-                _ => Err(Error::AuthenticationRequired {
-                    name: call.subject.name().to_owned(),
-                }),
-            },
-            Some(Scheme::Bearer { realm, service }) => {
-                let token = self.token(call, &realm, service.as_deref(), scope).await?;
-                let mut header = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
-                    .map_err(|_| Error::Token {
-                        url: realm.clone(),
-                        reason: "the token is not a valid header value".to_owned(),
-                    })?;
-                header.set_sensitive(true);
-                Ok(Sent {
-                    header: Some(header),
-                    bearer: Some(token),
-                })
-            }
-        }
-    }
-
-    fn token_slot(&self, host: &str, scope: Option<&str>) -> TokenSlot {
-        let key = (host.to_owned(), scope.unwrap_or_default().to_owned());
-        self.inner
-            .tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key)
-            .or_default()
-            .clone()
-    }
-
-    /// A fresh token for (host, scope): the cached one, or one from the realm.
-    async fn token(
-        &self,
-        call: &Call,
-        realm: &str,
-        service: Option<&str>,
-        scope: Option<&str>,
-    ) -> Result<Secret, Error> {
-        let slot = self.token_slot(&call.host, scope);
-        let mut cached = slot.lock().await;
-        if let Some(token) = cached.as_ref().filter(|t| t.is_fresh(Instant::now())) {
-            return Ok(token.value.clone());
-        }
-        let token = self.fetch_token(call, realm, service, scope).await?;
-        let value = token.value.clone();
-        *cached = Some(token);
-        Ok(value)
-    }
-
-    /// Drop the cached token for (host, scope) if it is still `used` (another request may
-    /// have replaced it already).
-    async fn forget_token(&self, host: &str, scope: Option<&str>, used: &Secret) {
-        let slot = self.token_slot(host, scope);
-        let mut cached = slot.lock().await;
-        if cached.as_ref().is_some_and(|t| t.value == *used) {
-            *cached = None;
-        }
-    }
-
-    /// Ask the realm for a token (see `auth` for the protocol).
-    async fn fetch_token(
-        &self,
-        call: &Call,
-        realm: &str,
-        service: Option<&str>,
-        scope: Option<&str>,
-    ) -> Result<Token, Error> {
-        let identity = self.identity(&call.registry).await;
-        let refresh_token = match &identity {
-            Some(Identity::RefreshToken(token)) => Some(token.clone()),
-            _ => None,
-        };
-        // A refresh token goes in a POST form with service and scope; else they are query
-        // parameters of the GET.
-        let url = token_url(realm, service, scope, refresh_token.is_none())?;
-        let shown = url.to_string();
-        let timeout = self.inner.config.timeout;
-        let subject = Subject::Other {
-            name: call.subject.name().to_owned(),
-        };
-        let attempt = || async {
-            let request = match &refresh_token {
-                Some(refresh) => {
-                    let mut form = vec![
-                        ("grant_type", "refresh_token"),
-                        ("refresh_token", refresh.expose()),
-                        ("client_id", OAUTH_CLIENT_ID),
-                    ];
-                    if let Some(service) = service {
-                        form.push(("service", service));
-                    }
-                    if let Some(scope) = scope {
-                        form.push(("scope", scope));
-                    }
-                    self.inner.http.post(url.clone()).form(&form)
-                }
-                None => {
-                    let request = self.inner.http.get(url.clone());
-                    match &identity {
-                        Some(Identity::Password(c)) => {
-                            request.header(AUTHORIZATION, basic_header(&c.username, &c.password))
-                        }
-                        _ => request,
-                    }
-                }
-            };
-            let response = request
-                .send()
-                .await
-                .map_err(|e| errors::from_reqwest(&shown, &e, timeout))?;
-            // Any other answer is dealt with below, once.
-            if !errors::is_transient_status(response.status()) {
-                return Ok(response);
-            }
-            Err(Failed::status(response, &shown, &subject).await)
-        };
-        let response = self
-            .inner
-            .retry
-            .run(|_| attempt(), |f: &Failed| f.verdict)
-            .await
-            .map_err(|f| f.error)?;
-        token_from_response(response, shown, call, identity, &subject, timeout).await
-    }
-
-    /// Who we are at `registry`: the explicit credentials, else the docker config's.
-    async fn identity(&self, registry: &str) -> Option<Identity> {
-        let config = &self.inner.config;
-        if let Some(credentials) = &config.credentials {
-            return Some(Identity::Password(credentials.clone()));
-        }
-        if !config.use_docker_config {
-            return None;
-        }
-        if let Some(known) = self.lock_identities().get(registry) {
-            return known.clone();
-        }
-        let path = config
-            .docker_config
-            .clone()
-            .or_else(credentials::default_docker_config)?;
-        let key = registry.to_owned();
-        let looked_up =
-            tokio::task::spawn_blocking(move || credentials::from_docker_config(&path, &key)).await;
-        let identity = match looked_up {
-            Ok(Ok(identity)) => identity,
-            Ok(Err(e)) => {
-                // Anonymous access may still work; if not, the auth error says what to do.
-                tracing::warn!("{e}; continuing without credentials");
-                None
-            }
-            Err(e) => {
-                tracing::warn!("docker credential lookup for {registry} failed: {e}");
-                None
-            }
-        };
-        self.lock_identities()
-            .insert(registry.to_owned(), identity.clone());
-        identity
-    }
-
     fn lock_schemes(&self) -> std::sync::MutexGuard<'_, HashMap<String, UrlScheme>> {
         self.inner.schemes.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -872,86 +700,6 @@ impl Client {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
-
-    fn lock_identities(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<Identity>>> {
-        self.inner
-            .identities
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// The token endpoint from a challenge's realm (http or https only), with `service` and
-/// `scope` as query parameters when `in_query`.
-fn token_url(
-    realm: &str,
-    service: Option<&str>,
-    scope: Option<&str>,
-    in_query: bool,
-) -> Result<url::Url, Error> {
-    let mut url = url::Url::parse(realm).map_err(|e| Error::Url {
-        url: realm.to_owned(),
-        reason: format!("token realm from the registry's challenge: {e}"),
-    })?;
-    if !matches!(url.scheme(), "https" | "http") {
-        return Err(Error::Url {
-            url: realm.to_owned(),
-            reason: "token realm is not an http(s) URL".to_owned(),
-        });
-    }
-    if in_query && (service.is_some() || scope.is_some()) {
-        let mut query = url.query_pairs_mut();
-        if let Some(service) = service {
-            query.append_pair("service", service);
-        }
-        if let Some(scope) = scope {
-            query.append_pair("scope", scope);
-        }
-    }
-    Ok(url)
-}
-
-/// The token in a token endpoint's final answer; a 401 means the credentials (or their
-/// absence) were refused.
-async fn token_from_response(
-    response: reqwest::Response,
-    shown: String,
-    call: &Call,
-    identity: Option<Identity>,
-    subject: &Subject,
-    timeout: std::time::Duration,
-) -> Result<Token, Error> {
-    let status = response.status();
-    tracing::debug!(url = %shown, %status, "token response");
-    let name = call.subject.name().to_owned();
-    if status == StatusCode::UNAUTHORIZED {
-        return Err(match identity {
-            Some(identity) => Error::AuthenticationFailed {
-                name,
-                identity: identity.describe(),
-            },
-            None => Error::AuthenticationRequired { name },
-        });
-    }
-    if !status.is_success() {
-        let envelope = read_envelope(response).await;
-        return Err(errors::from_status(&shown, status, envelope, subject));
-    }
-    let body = read_body(response, &shown, SMALL_BODY_MAX, timeout).await?;
-    let received = Instant::now();
-    TokenResponse::parse(&body)
-        .and_then(|r| r.into_token(received))
-        .map_err(|reason| Error::Token { url: shown, reason })
-}
-
-fn basic_header(username: &str, password: &Secret) -> HeaderValue {
-    use base64::Engine as _;
-    let encoded = base64::engine::general_purpose::STANDARD
-        .encode(format!("{username}:{}", password.expose()));
-    let mut header =
-        HeaderValue::from_str(&format!("Basic {encoded}")).expect("base64 is a valid header");
-    header.set_sensitive(true);
-    header
 }
 
 /// A failed attempt and what it means for the next one.
@@ -1142,7 +890,10 @@ mod tests {
             format!("{config:?}"),
             format!("{client:?}"),
             format!("{client:#?}"),
-            format!("{:?}", basic_header("bob", &Secret::new("pa55-w0rd-xyz"))),
+            format!(
+                "{:?}",
+                token::basic_header("bob", &Secret::new("pa55-w0rd-xyz"))
+            ),
         ] {
             assert!(!shown.contains("pa55-w0rd-xyz"), "{shown}");
             assert!(!shown.contains("Ym9iOnBhNTUtdzByZC14eXo"), "{shown}");
