@@ -9,6 +9,7 @@
 //!   and extracting the others, building and keeping the merged tree (the one place it is
 //!   kept), prefetch, and the whole-layer fallback when the registry ignores Range; it is the
 //!   `fs::Backend` a FUSE front end serves. [`fetch_layers`] is `pull`'s whole-image fetch.
+//! - [`status`]: each layer's format and what of it is cached ([`layer_statuses`]).
 //!
 //! This module knows no clap, anyhow, environment variables or progress bars: its errors are
 //! typed ([`Error`]), progress goes through the store's callbacks.
@@ -16,10 +17,12 @@
 pub mod engine;
 pub mod resolve;
 pub mod source;
+pub mod status;
 
 pub use engine::{MountedImage, Prefetch, ServeOptions, fetch_layers, layer_jobs};
 pub use resolve::{IndexEntryKind, LAYER_CONCURRENCY, MAX_DOCUMENT, Resolved, Resolver, ref_key};
 pub use source::{RegistryRanges, RegistrySource, SourceFailure, is_range_ignored};
+pub use status::{LayerFormat, LayerState, LayerStatus, layer_statuses};
 
 use crate::oci::Digest;
 use crate::oci::manifest::ManifestError;
