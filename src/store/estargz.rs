@@ -14,6 +14,13 @@
 //! `toc.digest` annotation. A chunk is recorded in `present` only after it decoded, matched its
 //! `chunkDigest` and its bytes were written and synced into the data file; a torn last record
 //! is ignored. The module knows nothing of HTTP: ranges come through [`RangeSource`].
+//!
+//! Every byte is fetched once: readers ([`LazyLayer::ensure`]), the landmark prefetch and the
+//! background fill all go through one single-flight map of the chunks in flight. A caller
+//! claims the chunks that are neither present nor in flight and fetches only those (a request
+//! never spans a chunk someone else fetches); a reader then waits for the flights of the rest,
+//! the fill and the prefetch skip them. Readers come first: while any reader of the store is
+//! fetching, every layer's fill waits before its next request ([`Readers`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -25,6 +32,8 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
 
 use serde::{Deserialize, Serialize};
 
@@ -73,23 +82,70 @@ pub struct LazyLayer {
     /// The `present` log, opened for appending: each record is one `write` of 8 bytes, which
     /// O_APPEND keeps whole even with several writers.
     log: File,
-    /// Single flight per file: the task fetching a file's missing chunks holds its lock (an
-    /// async lock: it is held across the fetch); others wait and then find the chunks present.
-    /// The map itself is behind a std Mutex held only to clone the Arc.
-    fetching: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
-    /// Foreground [`LazyLayer::ensure`] calls with chunks to fetch: the background fill waits
-    /// while this is not zero, so that it never competes with a reader for the link.
-    foreground: AtomicUsize,
-    /// Signalled when `foreground` drops to zero.
+    /// The chunks in flight, each with the receiver of its fetch's [`Claim`] (closed when
+    /// that fetch ended, stored or not). A std Mutex, held for lookups and inserts only. A
+    /// chunk is recorded in `present` before its key leaves this map, so under this lock a
+    /// chunk is present, in flight, or free to claim.
+    flights: Mutex<HashMap<ChunkKey, watch::Receiver<()>>>,
+    /// The store's readers: the fill waits while one is fetching.
+    readers: Arc<Readers>,
+}
+
+/// (file data id, chunk number).
+type ChunkKey = (u32, u32);
+
+/// Chunks a caller fetches; dropping it (the fetch ended: stored, failed or cancelled) takes
+/// them out of the flight map and wakes who waits for them.
+struct Claim<'a> {
+    layer: &'a LazyLayer,
+    keys: Vec<ChunkKey>,
+    /// Never sent on: dropped last, after the keys left the map, which closes the receivers.
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut flights = self.layer.flights.lock().expect("flights lock");
+        for k in &self.keys {
+            flights.remove(k);
+        }
+    }
+}
+
+/// The readers fetching from any lazy layer of a store. One count for all layers, so a reader
+/// of one layer pauses the background fill of every layer, not only its own.
+#[derive(Debug, Default)]
+pub struct Readers {
+    fetching: AtomicUsize,
+    /// Signalled when `fetching` drops to zero.
     idle: tokio::sync::Notify,
 }
 
-/// Counts one foreground fetch for as long as it lives.
-struct Foreground<'a>(&'a LazyLayer);
+impl Readers {
+    fn enter(&self) -> Reading<'_> {
+        self.fetching.fetch_add(1, Ordering::SeqCst);
+        Reading(self)
+    }
 
-impl Drop for Foreground<'_> {
+    /// Return once no reader is fetching.
+    async fn idle(&self) {
+        loop {
+            // Created before the check: a `notify_waiters` after the check still wakes it.
+            let idle = self.idle.notified();
+            if self.fetching.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// Counts one reader's fetch for as long as it lives.
+struct Reading<'a>(&'a Readers);
+
+impl Drop for Reading<'_> {
     fn drop(&mut self) {
-        if self.0.foreground.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.0.fetching.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }
     }
@@ -133,7 +189,7 @@ impl Store {
         if toc_digest.is_some_and(|d| d != &stored.toc_digest) {
             return Ok(None);
         }
-        LazyLayer::open(blob.clone(), dir, stored).map(Some)
+        LazyLayer::open(blob.clone(), dir, stored, self.readers.clone()).map(Some)
     }
 
     /// The lazy layer of `blob` (`blob_size` bytes, TOC digest `toc_digest` from its
@@ -226,7 +282,7 @@ impl Store {
         // ever seeing a partial file, and one torn by a crash does not parse and is fetched
         // again (see `load_lazy_layer`).
         self.write_atomic_unsynced(&dir.join("toc.json"), &bytes)?;
-        LazyLayer::open(blob.clone(), dir, stored).map(Some)
+        LazyLayer::open(blob.clone(), dir, stored, self.readers.clone()).map(Some)
     }
 }
 
@@ -240,7 +296,12 @@ pub struct LazyState {
 }
 
 impl LazyLayer {
-    fn open(digest: Digest, dir: PathBuf, stored: StoredToc) -> Result<LazyLayer, StoreError> {
+    fn open(
+        digest: Digest,
+        dir: PathBuf,
+        stored: StoredToc,
+        readers: Arc<Readers>,
+    ) -> Result<LazyLayer, StoreError> {
         let StoredToc {
             index,
             chunks,
@@ -265,9 +326,8 @@ impl LazyLayer {
             prefetch_end,
             present: Mutex::new(present),
             log,
-            fetching: Mutex::new(HashMap::new()),
-            foreground: AtomicUsize::new(0),
-            idle: tokio::sync::Notify::new(),
+            flights: Mutex::new(HashMap::new()),
+            readers,
         })
     }
 
@@ -332,43 +392,85 @@ impl LazyLayer {
         File::open(&path).map_err(io_err(&path))
     }
 
-    /// Make the file bytes `range` local: fetch the missing chunks overlapping it (one Range
-    /// request per run of adjacent missing chunks), verify each against its digest, write it
-    /// into the data file and record it. A chunk that fails verification is neither written nor
-    /// recorded.
+    /// Make the file bytes `range` local: fetch the missing chunks overlapping it that nobody
+    /// else is fetching (one Range request per run of adjacent ones), verify each against its
+    /// digest, write it into the data file and record it; then wait for the fetches of the
+    /// others (and fetch any of them that such a fetch failed to store). A chunk that fails
+    /// verification is neither written nor recorded. While it fetches, the store's background
+    /// fills wait.
     pub async fn ensure(
         &self,
         source: &dyn RangeSource,
         data: DataRef,
         range: Range<u64>,
     ) -> Result<(), StoreError> {
-        if self.missing(data, range.clone()).is_empty() {
-            return Ok(());
-        }
-        let _foreground = self.foreground();
-        let lock = self
-            .fetching
-            .lock()
-            .expect("fetching lock")
-            .entry(data.id)
-            .or_default()
-            .clone();
-        let _guard = lock.lock().await;
-        let missing = self.missing(data, range);
+        let mut missing = self.missing(data, range.clone());
         if missing.is_empty() {
             return Ok(());
         }
+        let _reading = self.readers.enter();
         let chunks = self.chunks.chunks(data).unwrap_or_default();
-        for run in runs(chunks, &missing) {
-            let wanted: Vec<(DataRef, u32)> = run.map(|n| (data, n)).collect();
-            self.fetch_chunks(source, &wanted).await?;
+        loop {
+            let (claim, flights) = self.claim(missing.iter().map(|&n| (data.id, n)));
+            let mine: Vec<u32> = claim.keys.iter().map(|&(_, n)| n).collect();
+            for run in runs(chunks, &mine) {
+                let wanted: Vec<(DataRef, u32)> = run.map(|n| (data, n)).collect();
+                self.fetch_chunks(source, &wanted).await?;
+            }
+            drop(claim);
+            if flights.is_empty() {
+                return Ok(());
+            }
+            for mut f in flights {
+                // Err: the fetch ended (closed channel), which is all that is awaited.
+                let _ = f.changed().await;
+            }
+            // Present now, unless a fetch we waited for failed: then it is ours to fetch.
+            missing = self.missing(data, range.clone());
+            if missing.is_empty() {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
-    fn foreground(&self) -> Foreground<'_> {
-        self.foreground.fetch_add(1, Ordering::SeqCst);
-        Foreground(self)
+    /// Whether some chunk overlapping the file bytes `range` is neither present nor in flight.
+    pub fn has_unclaimed(&self, data: DataRef, range: Range<u64>) -> bool {
+        let missing = self.missing(data, range);
+        let flights = self.flights.lock().expect("flights lock");
+        missing
+            .iter()
+            .any(|&n| !flights.contains_key(&(data.id, n)))
+    }
+
+    /// Claim, of `wanted`, the chunks neither present nor in flight; return the claim and the
+    /// flights fetching the others (one receiver per flight).
+    fn claim(
+        &self,
+        wanted: impl IntoIterator<Item = ChunkKey>,
+    ) -> (Claim<'_>, Vec<watch::Receiver<()>>) {
+        let (done, rx) = watch::channel(());
+        let mut keys = Vec::new();
+        let mut waits: Vec<watch::Receiver<()>> = Vec::new();
+        let mut flights = self.flights.lock().expect("flights lock");
+        let present = self.present.lock().expect("present lock");
+        for k in wanted {
+            if let Some(f) = flights.get(&k) {
+                if !waits.iter().any(|w| w.same_channel(f)) {
+                    waits.push(f.clone());
+                }
+            } else if !present.contains(&k) {
+                flights.insert(k, rx.clone());
+                keys.push(k);
+            }
+        }
+        drop(present);
+        drop(flights);
+        let claim = Claim {
+            layer: self,
+            keys,
+            _done: done,
+        };
+        (claim, waits)
     }
 
     /// Fetch `wanted` (chunks in blob order) with one Range request spanning them all, and
@@ -483,7 +585,12 @@ impl LazyLayer {
         if wanted.is_empty() {
             return Ok(());
         }
-        let _foreground = self.foreground();
+        let (claim, _others) = self.claim(wanted.iter().map(|(d, n, _)| (d.id, *n)));
+        if claim.keys.len() < wanted.len() {
+            // Some are being fetched already (a reader was quicker): fetch around them.
+            let batch: Vec<(DataRef, u32)> = wanted.iter().map(|(d, n, _)| (*d, *n)).collect();
+            return self.fetch_claimed(source, &batch, &claim).await;
+        }
         let bytes = self.fetch_span(source, 0..end).await?;
         for (data, n, c) in wanted {
             let compressed = &bytes[c.offset as usize..c.compressed_range().end as usize];
@@ -492,9 +599,31 @@ impl LazyLayer {
         Ok(())
     }
 
+    /// Fetch the chunks of `batch` (blob order) that `claim` holds: one request per stretch
+    /// of consecutive claimed chunks, split where a chunk of the batch is not claimed (present
+    /// or fetched by someone else), so no byte is fetched twice.
+    async fn fetch_claimed(
+        &self,
+        source: &dyn RangeSource,
+        batch: &[(DataRef, u32)],
+        claim: &Claim<'_>,
+    ) -> Result<(), StoreError> {
+        let mut stretch: Vec<(DataRef, u32)> = Vec::new();
+        for &(data, n) in batch {
+            if claim.keys.contains(&(data.id, n)) {
+                stretch.push((data, n));
+            } else if !stretch.is_empty() {
+                self.fetch_chunks(source, &stretch).await?;
+                stretch.clear();
+            }
+        }
+        self.fetch_chunks(source, &stretch).await
+    }
+
     /// Make every file local, in blob order, in requests of at most `FILL_BATCH` bytes;
-    /// before each request, wait until no foreground [`LazyLayer::ensure`] is fetching, so
-    /// that readers never queue behind it. Stops at the first failure.
+    /// before each request, wait until no reader of the store ([`LazyLayer::ensure`]) is
+    /// fetching, so that readers never queue behind it, and skip the chunks present or in
+    /// flight. Stops at the first failure.
     pub async fn fill(&self, source: &dyn RangeSource) -> Result<(), StoreError> {
         let missing = self.missing_in_blob_order();
         let mut batch: Vec<(DataRef, u32)> = Vec::new();
@@ -522,28 +651,10 @@ impl LazyLayer {
         source: &dyn RangeSource,
         batch: &[(DataRef, u32)],
     ) -> Result<(), StoreError> {
-        self.yield_to_foreground().await;
-        // A reader may have fetched some of them meanwhile.
-        let still: Vec<(DataRef, u32)> = {
-            let present = self.present.lock().expect("present lock");
-            batch
-                .iter()
-                .copied()
-                .filter(|(d, n)| !present.contains(&(d.id, *n)))
-                .collect()
-        };
-        self.fetch_chunks(source, &still).await
-    }
-
-    async fn yield_to_foreground(&self) {
-        loop {
-            // Created before the check: a `notify_waiters` after the check still wakes it.
-            let idle = self.idle.notified();
-            if self.foreground.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            idle.await;
-        }
+        self.readers.idle().await;
+        // A reader may have fetched some of them meanwhile, or be fetching them: skipped.
+        let (claim, _others) = self.claim(batch.iter().map(|(d, n)| (d.id, *n)));
+        self.fetch_claimed(source, batch, &claim).await
     }
 
     /// Make a file local from its plain content, taken from the layer extracted whole (which
@@ -913,7 +1024,7 @@ mod tests {
                 .unwrap()
                 .unwrap(),
         );
-        let reader = l.foreground();
+        let reader = l.readers.enter();
         let filler = {
             let (l, src) = (l.clone(), src.clone());
             tokio::spawn(async move { l.fill(&*src).await })
@@ -926,6 +1037,189 @@ mod tests {
         drop(reader);
         filler.await.unwrap().unwrap();
         assert_eq!(l.state().local, l.state().total);
+    }
+
+    /// A range source whose requests are recorded when they start and then wait for a permit
+    /// of `gate`, so a test decides what is in flight; `fail` makes the next N fail.
+    struct GatedRanges {
+        blob: Vec<u8>,
+        started: Mutex<Vec<Range<u64>>>,
+        gate: tokio::sync::Semaphore,
+        fail: AtomicUsize,
+    }
+
+    impl GatedRanges {
+        fn new(blob: Vec<u8>) -> Arc<GatedRanges> {
+            Arc::new(GatedRanges {
+                blob,
+                started: Mutex::new(Vec::new()),
+                gate: tokio::sync::Semaphore::new(0),
+                fail: AtomicUsize::new(0),
+            })
+        }
+
+        fn started(&self) -> Vec<Range<u64>> {
+            self.started.lock().unwrap().clone()
+        }
+    }
+
+    impl RangeSource for GatedRanges {
+        fn fetch_range<'a>(
+            &'a self,
+            _digest: &'a Digest,
+            range: Range<u64>,
+        ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, SourceError>> + Send + 'a>> {
+            Box::pin(async move {
+                self.started.lock().unwrap().push(range.clone());
+                self.gate.acquire().await.unwrap().forget();
+                let failing = self.fail.load(Ordering::SeqCst);
+                if failing > 0 {
+                    self.fail.store(failing - 1, Ordering::SeqCst);
+                    return Err("connection reset (test)".into());
+                }
+                Ok(self.blob[range.start as usize..range.end as usize].to_vec())
+            })
+        }
+    }
+
+    /// The sample layer over a gated source, its footer and TOC fetched (two requests).
+    async fn gated_layer(store: &Store) -> (Arc<LazyLayer>, Arc<GatedRanges>) {
+        let (blob, digest, toc) = sample();
+        let src = GatedRanges::new(blob.clone());
+        src.gate.add_permits(2);
+        let l = store
+            .lazy_layer(&*src, &digest, blob.len() as u64, Some(&toc))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(src.started().len(), 2);
+        (Arc::new(l), src)
+    }
+
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn assert_disjoint(requests: &[Range<u64>]) {
+        for (i, a) in requests.iter().enumerate() {
+            for b in &requests[i + 1..] {
+                assert!(
+                    a.end <= b.start || b.end <= a.start,
+                    "{a:?} and {b:?} overlap"
+                );
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn chunks_in_flight_are_not_fetched_again_by_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (l, src) = gated_layer(&store).await;
+        let (big, small) = (data_of(&l, "big"), data_of(&l, "small"));
+        // The fill claims every chunk (one batch) and its request waits at the gate.
+        let fill = tokio::spawn({
+            let (l, src) = (l.clone(), src.clone());
+            async move { l.fill(&*src).await }
+        });
+        settle().await;
+        assert_eq!(src.started().len(), 3, "the fill's one request");
+        // Two readers of chunks in that flight, and a second reader of the same bytes.
+        let read = |data: DataRef, range: Range<u64>| {
+            let (l, src) = (l.clone(), src.clone());
+            tokio::spawn(async move { l.ensure(&*src, data, range).await })
+        };
+        let readers = [
+            read(big, 0..300_000),
+            read(big, 150_000..150_001),
+            read(small, 0..5),
+        ];
+        settle().await;
+        assert_eq!(
+            src.started().len(),
+            3,
+            "readers wait for the flight, they do not fetch"
+        );
+        assert!(readers.iter().all(|r| !r.is_finished()));
+        src.gate.add_permits(100);
+        fill.await.unwrap().unwrap();
+        for r in readers {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(src.started().len(), 3);
+        assert_eq!(l.state().local, l.state().total);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_fill_waits_for_readers_and_fetches_around_their_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (l, src) = gated_layer(&store).await;
+        let big = data_of(&l, "big");
+        // A reader of big's second chunk: in flight at the gate.
+        let reader = tokio::spawn({
+            let (l, src) = (l.clone(), src.clone());
+            async move { l.ensure(&*src, big, 150_000..150_001).await }
+        });
+        settle().await;
+        assert_eq!(src.started().len(), 3);
+        // The fill of this layer and of another layer of the same store both wait.
+        let (other, other_src) = {
+            let dir2 = dir.path().join("other");
+            let store2 = Store {
+                root: dir2.clone(),
+                readers: store.readers.clone(),
+            };
+            Store::open(&dir2).unwrap();
+            gated_layer(&store2).await
+        };
+        let fills = [(l.clone(), src.clone()), (other.clone(), other_src.clone())]
+            .map(|(l, s)| tokio::spawn(async move { l.fill(&*s).await }));
+        settle().await;
+        assert_eq!(
+            src.started().len(),
+            3,
+            "no fill request while a reader fetches"
+        );
+        assert_eq!(other_src.started().len(), 2, "not in another layer either");
+        src.gate.add_permits(1);
+        reader.await.unwrap().unwrap();
+        src.gate.add_permits(100);
+        other_src.gate.add_permits(100);
+        for f in fills {
+            f.await.unwrap().unwrap();
+        }
+        // The fill split its batch around the chunk the reader fetched: no byte twice.
+        let requests = src.started();
+        assert_eq!(requests.len(), 5, "{requests:?}");
+        assert_disjoint(&requests[2..]);
+        assert_eq!(l.state().local, l.state().total);
+        assert_eq!(other.state().local, other.state().total);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_reader_fetches_what_a_failed_flight_did_not_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (l, src) = gated_layer(&store).await;
+        let big = data_of(&l, "big");
+        let read = || {
+            let (l, src) = (l.clone(), src.clone());
+            tokio::spawn(async move { l.ensure(&*src, big, 0..10).await })
+        };
+        let (first, second) = (read(), read());
+        settle().await;
+        assert_eq!(src.started().len(), 3, "one flight for both");
+        src.fail.store(1, Ordering::SeqCst);
+        src.gate.add_permits(100);
+        assert!(first.await.unwrap().is_err());
+        second.await.unwrap().unwrap();
+        let requests = src.started();
+        assert_eq!(requests.len(), 4, "the waiter's own request: {requests:?}");
+        assert_eq!(requests[2], requests[3]);
+        assert!(l.missing(big, 0..10).is_empty());
     }
 
     #[test]

@@ -142,6 +142,8 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+    /// Shared by every lazy layer opened through this store (and its clones).
+    readers: std::sync::Arc<estargz::Readers>,
 }
 
 impl Store {
@@ -168,7 +170,10 @@ impl Store {
             let p = root.join(sub);
             b.create(&p).map_err(io_err(&p))?;
         }
-        let store = Store { root };
+        let store = Store {
+            root,
+            readers: Default::default(),
+        };
         store.remove_stale_temps();
         Ok(store)
     }
