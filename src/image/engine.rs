@@ -14,7 +14,8 @@
 //! ignores Range ([`SourceFailure::RangeIgnored`](super::SourceFailure)) gets the layer
 //! fetched whole once, through the store, instead of a whole body per chunk.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use futures_util::StreamExt as _;
@@ -158,7 +159,20 @@ pub struct MountedImage {
     /// Single flight for those whole fetches; held across the fetch (a FUSE thread waits for
     /// the layer anyway).
     whole_flight: Mutex<()>,
+    /// Per (layer, file data id) of a lazy file, where its last read ended: a read starting
+    /// there is sequential, and the next [`READ_AHEAD`] bytes are fetched in the background
+    /// while the reader consumes this one. A std Mutex, held for one insert.
+    read_ends: Mutex<HashMap<(u32, u32), u64>>,
 }
+
+/// How far ahead of a sequential reader of a lazy file its chunks are fetched: two chunks of
+/// the usual 4 MiB, so the next chunk's fetch, decompression and verification overlap the
+/// reader's consumption of this one.
+pub const READ_AHEAD: u64 = 8 << 20;
+
+/// Files whose last read end is remembered; past it the table starts over (a reader that
+/// loses its entry only misses one read-ahead).
+const READ_ENDS_MAX: usize = 4096;
 
 impl MountedImage {
     /// Serve `resolved`, fetching through `source`; async work runs on `rt`.
@@ -181,6 +195,7 @@ impl MountedImage {
             building: Mutex::new(()),
             whole: Mutex::new(HashSet::new()),
             whole_flight: Mutex::new(()),
+            read_ends: Mutex::new(HashMap::new()),
         }
     }
 
@@ -412,8 +427,14 @@ impl MountedImage {
         };
         if !self.ranges.ignored(l.digest()) {
             let range = offset..offset.saturating_add(len);
-            match self.rt.block_on(l.ensure(&*self.ranges, data, range)) {
-                Ok(()) => return Ok(()),
+            match self
+                .rt
+                .block_on(l.ensure(&*self.ranges, data, range.clone()))
+            {
+                Ok(()) => {
+                    self.read_ahead(layer, l, data, range);
+                    return Ok(());
+                }
                 Err(e) if is_range_ignored(&e) => {}
                 Err(source) => {
                     return Err(Error::Chunk {
@@ -425,6 +446,32 @@ impl MountedImage {
             }
         }
         self.ensure_from_whole(layer, l, data)
+    }
+
+    /// After a read of `read` that continues the previous one (or starts the file), fetch the
+    /// next [`READ_AHEAD`] bytes in the background, unless they are present or in flight.
+    /// Through [`LazyLayer::ensure`]: it counts as a reader (the fill waits) and shares the
+    /// single-flight map, so the reader's next request waits for it instead of fetching again.
+    fn read_ahead(&self, layer: u32, l: &Arc<LazyLayer>, data: DataRef, read: Range<u64>) {
+        let sequential = {
+            let mut ends = self.read_ends.lock().expect("read_ends lock");
+            if ends.len() >= READ_ENDS_MAX {
+                ends.clear();
+            }
+            let previous = ends.insert((layer, data.id), read.end);
+            read.start == 0 || previous == Some(read.start)
+        };
+        let ahead = read.end..read.end.saturating_add(READ_AHEAD);
+        if !sequential || !l.has_unclaimed(data, ahead.clone()) {
+            return;
+        }
+        let (l, ranges) = (l.clone(), self.ranges.clone());
+        self.rt.spawn(async move {
+            if let Err(e) = l.ensure(&*ranges, data, ahead).await {
+                // The reader fetches them itself when it gets there, and reports a failure.
+                tracing::debug!(digest = %l.digest(), "read-ahead: {}", crate::error::Chain(&e));
+            }
+        });
     }
 
     fn open_file(&self, layer: u32, data: DataRef) -> Result<std::fs::File, Error> {
