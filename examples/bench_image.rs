@@ -9,6 +9,9 @@
 //!   --estargz` lays them out.
 //! - `tree20k`: one gzip layer of 20,000 entries (200 directories of 99 small files).
 //! - `big1g`: one gzip layer holding one 1 GiB file, `/big.bin`.
+//! - `bigfile-estargz`: the `realistic-estargz` layers plus a fifth eStargz layer holding one
+//!   128 MiB file, `/big.bin` (half of each 8 KiB noisy, half compressible), to measure what a
+//!   big cold read costs next to the background fill.
 //!
 //! Usage: `bench_image OUT_DIR [--skip-big]`. The layout is read by `skopeo copy oci:OUT_DIR:TAG`.
 
@@ -324,6 +327,17 @@ fn tree20k() -> Vec<Vec<Node>> {
     vec![layer]
 }
 
+fn big_estargz() -> Vec<Node> {
+    vec![Node::File(
+        "big.bin".into(),
+        0o644,
+        Content::Binary {
+            len: 128 << 20,
+            seed: 77,
+        },
+    )]
+}
+
 fn big1g() -> Vec<Vec<Node>> {
     vec![vec![Node::File(
         "big.bin".into(),
@@ -367,6 +381,7 @@ fn sha(h: Sha256) -> String {
 }
 
 /// A layer blob in the layout: its descriptor and diff_id.
+#[derive(Clone)]
 struct Blob {
     digest: String,
     size: u64,
@@ -552,6 +567,9 @@ fn main() -> io::Result<()> {
         .map(|l| layout.estargz_layer(l))
         .collect::<io::Result<_>>()?;
     manifests.push(layout.image("realistic-estargz", &esgz)?);
+    let mut with_big = esgz.clone();
+    with_big.push(layout.estargz_layer(&big_estargz())?);
+    manifests.push(layout.image("bigfile-estargz", &with_big)?);
 
     let tree: Vec<Blob> = tree20k()
         .iter()
