@@ -332,6 +332,57 @@ fn concurrent_cold_readers_of_one_chunk_cause_one_request() {
 }
 
 #[test]
+fn a_sequential_reader_gets_the_next_chunks_fetched_ahead() {
+    let registry = Registry::start(Auth::Anonymous);
+    let w = written();
+    let digest = push(&registry, "ahead", w.blob.clone(), &w);
+    let reference = registry.reference("ahead:v1");
+    let imagefs = Imagefs::new();
+    let m = Mount::new_with(&imagefs, &[], NO_PREFETCH, &reference);
+    assert_eq!(fs::read_dir(m.p("data")).unwrap().count(), 3);
+
+    // The first page of `big`, with the kernel's own readahead off: the FUSE read covers
+    // chunk 0 only, and starts the file, so imagefs fetches the next chunks in the background.
+    let f = fs::File::open(m.p("data/big")).unwrap();
+    {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: a valid fd; advice only.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        assert_eq!(rc, 0);
+    }
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, w.big[..4096]);
+    let log = registry.wait_for_access_log("the read-ahead", |l| blob_gets(l, &digest).len() >= 4);
+    let gets = blob_gets(&log, &digest);
+    assert_eq!(
+        gets.len(),
+        4,
+        "footer, TOC, chunk 0, chunks 1-2:\n{}",
+        registry.log()
+    );
+    assert_eq!(gets[2].bytes, w.big_chunks[0].compressed_len);
+    let ahead = w.big_chunks[1].compressed_len + w.big_chunks[2].compressed_len;
+    assert_eq!(gets[3].bytes, ahead, "{}", registry.log());
+    // The rest of the file is then read without another request.
+    let want = format!("partial:{}/{}", w.big.len(), w.big.len() + 11 + 5000);
+    assert!(
+        wait_until(TIMEOUT, || layers_state(&imagefs, &reference) == want),
+        "the read-ahead's chunks are not recorded: {}",
+        layers_state(&imagefs, &reference)
+    );
+    assert_eq!(fs::read(m.p("data/big")).unwrap(), w.big);
+    assert_eq!(
+        blob_gets(&registry.access_log(), &digest).len(),
+        4,
+        "{}",
+        registry.log()
+    );
+    drop(f);
+    m.unmount();
+}
+
+#[test]
 fn mixed_images_merge_a_whole_layer_and_a_lazy_one() {
     let registry = Registry::start(Auth::Anonymous);
     let w = written();
