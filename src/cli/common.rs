@@ -96,7 +96,7 @@ fn cache_max_size(g: &GlobalOpts, cache: &std::path::Path) -> anyhow::Result<Opt
         .map_err(|e| anyhow::anyhow!("{}: cache_max_size: {e}", path.display()))
 }
 
-/// Decompression-bomb bounds from `--max-layer-size` and `--max-expansion`.
+/// Decompression-bomb bounds from `--max-layer-size`, `--max-expansion` and `--max-entries`.
 fn limits(g: &GlobalOpts) -> anyhow::Result<crate::layer::decompress::Limits> {
     let mut l = crate::layer::decompress::Limits::default();
     if let Some(max) = g.max_layer_size {
@@ -104,6 +104,9 @@ fn limits(g: &GlobalOpts) -> anyhow::Result<crate::layer::decompress::Limits> {
     }
     if let Some(r) = g.max_expansion {
         l.max_ratio = r;
+    }
+    if let Some(n) = g.max_entries {
+        l.max_entries = n;
     }
     Ok(l)
 }

@@ -101,6 +101,10 @@ pub struct GlobalOpts {
     #[arg(long, global = true, value_name = "RATIO", allow_negative_numbers = true,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_expansion: Option<u64>,
+    /// Most entries (files, directories, links…) one layer may have [default: 1048576]
+    #[arg(long, global = true, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_entries: Option<u64>,
     /// Use only the cache; never contact a registry
     #[arg(long, global = true)]
     pub offline: bool,

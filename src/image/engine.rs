@@ -367,7 +367,13 @@ impl MountedImage {
         };
         let l = match self
             .store
-            .lazy_layer(&*self.ranges, &desc.digest, desc.size, toc.as_ref())
+            .lazy_layer(
+                &*self.ranges,
+                &desc.digest,
+                desc.size,
+                toc.as_ref(),
+                self.resolved.limits.max_entries,
+            )
             .await
         {
             Err(e) if is_range_ignored(&e) => {

@@ -31,7 +31,15 @@ pub struct Limits {
     /// `ratio_grace` bytes (small highly-compressible layers are normal).
     pub max_ratio: u64,
     pub ratio_grace: u64,
+    /// Most entries of one layer (`--max-entries`): every entry costs memory in the index and
+    /// the merged tree for as long as the image is mounted, so a layer of millions of tiny
+    /// entries is refused before it can exhaust the daemon.
+    pub max_entries: u64,
 }
+
+/// The default of [`Limits::max_entries`]: 2^20, above the largest real images (a full
+/// distro with documentation has a few hundred thousand).
+pub const MAX_ENTRIES: u64 = 1 << 20;
 
 impl Default for Limits {
     fn default() -> Limits {
@@ -39,6 +47,7 @@ impl Default for Limits {
             max_size: 256 << 30,
             max_ratio: 1024,
             ratio_grace: 64 << 20,
+            max_entries: MAX_ENTRIES,
         }
     }
 }

@@ -35,20 +35,38 @@ pub enum TarError {
         #[source]
         source: io::Error,
     },
+    #[error("the layer has more than {max} entries (refused; `--max-entries` raises the limit)")]
+    TooManyEntries { max: u64 },
+}
+
+/// [`index_layer_bounded`] with the default entry limit ([`super::decompress::MAX_ENTRIES`]).
+pub fn index_layer<R: Read>(reader: R, data_dir: Option<&Path>) -> Result<LayerIndex, TarError> {
+    index_layer_bounded(reader, data_dir, super::decompress::MAX_ENTRIES)
 }
 
 /// Index `reader` (an uncompressed tar stream) and, when `data_dir` is given, extract file
-/// contents into it. Reads up to the tar end-of-archive marker; the caller drains the rest
-/// of the stream (to hash all of it for the diff_id).
-pub fn index_layer<R: Read>(reader: R, data_dir: Option<&Path>) -> Result<LayerIndex, TarError> {
+/// contents into it; more than `max_entries` entries is an error. Reads up to the tar
+/// end-of-archive marker; the caller drains the rest of the stream (to hash all of it for the
+/// diff_id).
+pub fn index_layer_bounded<R: Read>(
+    reader: R,
+    data_dir: Option<&Path>,
+    max_entries: u64,
+) -> Result<LayerIndex, TarError> {
     let mut archive = tar::Archive::new(reader);
     let mut entries = Vec::new();
+    let mut seen: u64 = 0;
     let mut next_id: u32 = 0;
     let iter = archive
         .entries()
         .map_err(|source| TarError::Read { source })?;
     for item in iter {
         let mut te = item.map_err(|source| TarError::Read { source })?;
+        // Every tar entry counts, also the kinds skipped below.
+        seen += 1;
+        if seen > max_entries {
+            return Err(TarError::TooManyEntries { max: max_entries });
+        }
         let raw_path = te.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
         let bad = |message: String| TarError::Entry {
@@ -812,6 +830,25 @@ mod tests {
             .unwrap();
         });
         assert_eq!(index_layer(&plain[..], None).unwrap().entries.len(), 1);
+    }
+
+    #[test]
+    fn more_entries_than_the_limit_is_an_error() {
+        let tarball = build(|b| {
+            for name in ["a", "b", "c"] {
+                b.append_data(&mut header(EntryType::Regular, 1, 0o644), name, &b"x"[..])
+                    .unwrap();
+            }
+        });
+        let err = index_layer_bounded(&tarball[..], None, 2).unwrap_err();
+        assert!(matches!(err, TarError::TooManyEntries { max: 2 }), "{err}");
+        assert_eq!(
+            index_layer_bounded(&tarball[..], None, 3)
+                .unwrap()
+                .entries
+                .len(),
+            3
+        );
     }
 
     #[test]

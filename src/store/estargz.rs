@@ -240,12 +240,14 @@ impl Store {
     /// Without `toc_digest` the TOC is taken as the registry serves it (its sha256 is
     /// recorded, so a remount uses the same one): the chunks are still verified against it,
     /// but the TOC itself is trusted like a tag is. `mount --require-toc-digest` refuses that.
+    /// A TOC of more than `max_entries` entries is an error, as for a tar layer.
     pub async fn lazy_layer(
         &self,
         source: &dyn RangeSource,
         blob: &Digest,
         blob_size: u64,
         toc_digest: Option<&Digest>,
+        max_entries: u64,
     ) -> Result<Option<LazyLayer>, StoreError> {
         if let Some(l) = self.load_lazy_layer(blob, toc_digest)? {
             return Ok(Some(l));
@@ -291,6 +293,13 @@ impl Store {
         let toc_offset = footer.toc_offset;
         let parsed = tokio::task::spawn_blocking(move || {
             let toc = parse_toc_member(&member, expected.as_ref())?;
+            let entries = toc.entries.len() as u64;
+            if entries > max_entries {
+                return Err(EstargzError::TooManyEntries {
+                    entries,
+                    max: max_entries,
+                });
+            }
             let (index, chunks) = toc.to_layer(toc_offset)?;
             let stored = StoredToc {
                 toc_digest: toc.digest.clone(),
@@ -306,7 +315,9 @@ impl Store {
         .expect("TOC parsing does not panic");
         let (stored, bytes) = match parsed {
             Ok(p) => p,
-            Err(e @ EstargzError::TocDigestMismatch { .. }) => {
+            Err(
+                e @ (EstargzError::TocDigestMismatch { .. } | EstargzError::TooManyEntries { .. }),
+            ) => {
                 return Err(StoreError::Layer {
                     digest: blob.clone(),
                     source: LayerFault::Toc(e),
@@ -851,6 +862,7 @@ pub fn has_toc(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layer::decompress::MAX_ENTRIES;
     use crate::layer::estargz::{Landmark, WriterOptions, build};
     use crate::layer::index::{Entry, EntryKind};
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -920,7 +932,7 @@ mod tests {
             fail: AtomicUsize::new(0),
         };
         let l = store
-            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc))
+            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
             .await
             .unwrap()
             .unwrap();
@@ -967,14 +979,14 @@ mod tests {
         };
         assert!(
             store
-                .lazy_layer(&src, &digest, blob.len() as u64, Some(&wrong))
+                .lazy_layer(&src, &digest, blob.len() as u64, Some(&wrong), MAX_ENTRIES)
                 .await
                 .is_err()
         );
         assert!(!has_toc(&store.estargz_dir(&digest)));
 
         let l = store
-            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc))
+            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
             .await
             .unwrap()
             .unwrap();
@@ -1028,7 +1040,7 @@ mod tests {
             fail: AtomicUsize::new(0),
         };
         let l = store
-            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc))
+            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
             .await
             .unwrap()
             .unwrap();
@@ -1058,7 +1070,7 @@ mod tests {
         });
         let l = Arc::new(
             store
-                .lazy_layer(&*src, &digest, blob.len() as u64, Some(&toc))
+                .lazy_layer(&*src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
                 .await
                 .unwrap()
                 .unwrap(),
@@ -1127,7 +1139,7 @@ mod tests {
         let src = GatedRanges::new(blob.clone());
         src.gate.add_permits(2);
         let l = store
-            .lazy_layer(&*src, &digest, blob.len() as u64, Some(&toc))
+            .lazy_layer(&*src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
             .await
             .unwrap()
             .unwrap();
@@ -1261,6 +1273,34 @@ mod tests {
         assert_eq!(requests.len(), 4, "the waiter's own request: {requests:?}");
         assert_eq!(requests[2], requests[3]);
         assert!(l.missing(big, 0..10).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_toc_over_the_entry_limit_is_refused_and_nothing_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (blob, digest, toc) = sample();
+        let src = MemRanges {
+            blob: blob.clone(),
+            requests: Mutex::new(Vec::new()),
+            fail: AtomicUsize::new(0),
+        };
+        let err = store
+            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), 1)
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(
+                &err,
+                StoreError::Layer {
+                    source: LayerFault::Toc(EstargzError::TooManyEntries { max: 1, .. }),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!has_toc(&store.estargz_dir(&digest)));
     }
 
     #[tokio::test(flavor = "current_thread", start_paused = true)]

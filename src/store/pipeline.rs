@@ -23,7 +23,7 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::{LayerFault, Store, StoreError, io_err};
 use crate::layer::decompress::{self, Limits};
-use crate::layer::tar::index_layer;
+use crate::layer::tar::index_layer_bounded;
 use crate::oci::{Compression, Digest, Hasher};
 use crate::retry::{RetryPolicy, Verdict};
 
@@ -484,7 +484,7 @@ fn decode_and_index<R: Read + Send>(
         None => Hasher::new(crate::oci::digest::Algorithm::Sha256),
     };
     let mut tar_stream = Hashing::new(bounded, hasher, Arc::new(|_| {}));
-    let index = match index_layer(&mut tar_stream, Some(data_dir)) {
+    let index = match index_layer_bounded(&mut tar_stream, Some(data_dir), job.limits.max_entries) {
         Ok(i) => i,
         Err(crate::layer::tar::TarError::Read { source }) => return Err(source),
         Err(e) => {

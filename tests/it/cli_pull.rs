@@ -1224,3 +1224,36 @@ fn decompression_limits_are_configurable_and_refuse_the_layer() {
         .run()
         .assert_success();
 }
+
+#[test]
+fn a_layer_with_more_entries_than_the_limit_is_refused() {
+    let registry = Registry::start(Auth::Anonymous);
+    let files: Vec<Entry> = (0..5)
+        .map(|i| Entry::file(format!("f{i}"), format!("{i}\n")))
+        .collect();
+    let image = ImageBuilder::new(Format::Oci)
+        .layer(Layer::new(&files, Compression::Gzip))
+        .build();
+    registry.push_image("many", "v1", &image);
+    let reference = registry.reference("many:v1");
+    let imagefs = Imagefs::new();
+    let out = imagefs
+        .cmd(["--max-entries", "4", "pull", "-q", &reference])
+        .run();
+    assert_error_line(&out, &["more than 4 entries", "--max-entries"]);
+    let extracted = imagefs
+        .cache_dir()
+        .join("layers/sha256")
+        .join(hex(&image.layers[0].diff_id));
+    assert!(!extracted.exists(), "a refused layer is not stored");
+    // At the limit it is accepted.
+    imagefs
+        .cmd(["--max-entries", "5", "pull", "-q", &reference])
+        .run()
+        .assert_success();
+    assert!(extracted.exists());
+    let out = imagefs
+        .cmd(["--max-entries", "0", "pull", &reference])
+        .run();
+    out.assert_failure_contains("--max-entries");
+}

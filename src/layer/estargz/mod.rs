@@ -106,6 +106,10 @@ pub enum EstargzError {
         "eStargz TOC digest mismatch: the manifest says {expected}, the TOC is {actual} (the layer does not match its manifest: re-pull the image)"
     )]
     TocDigestMismatch { expected: Digest, actual: Digest },
+    #[error(
+        "the eStargz TOC lists {entries} entries, more than the limit of {max} (refused; `--max-entries` raises the limit)"
+    )]
+    TooManyEntries { entries: u64, max: u64 },
     #[error("parsing the eStargz TOC JSON: {cause} (corrupt layer: fetch it whole instead)")]
     TocJson { cause: serde_json::Error },
     #[error(
