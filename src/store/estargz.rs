@@ -867,10 +867,41 @@ mod tests {
     use crate::layer::index::{Entry, EntryKind};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// Blob ranges from memory. Every request is recorded when it starts; a gated source then
+    /// waits for a permit of its gate ([`MemRanges::open`]), so a test decides what is in
+    /// flight; `fail` makes the next N requests fail.
     struct MemRanges {
         blob: Vec<u8>,
         requests: Mutex<Vec<Range<u64>>>,
+        gate: Option<tokio::sync::Semaphore>,
         fail: AtomicUsize,
+    }
+
+    impl MemRanges {
+        fn new(blob: Vec<u8>) -> MemRanges {
+            MemRanges {
+                blob,
+                requests: Mutex::new(Vec::new()),
+                gate: None,
+                fail: AtomicUsize::new(0),
+            }
+        }
+
+        fn gated(blob: Vec<u8>) -> Arc<MemRanges> {
+            Arc::new(MemRanges {
+                gate: Some(tokio::sync::Semaphore::new(0)),
+                ..MemRanges::new(blob)
+            })
+        }
+
+        /// Let `n` more requests of a gated source through.
+        fn open(&self, n: usize) {
+            self.gate.as_ref().expect("a gated source").add_permits(n);
+        }
+
+        fn requests(&self) -> Vec<Range<u64>> {
+            self.requests.lock().unwrap().clone()
+        }
     }
 
     impl RangeSource for MemRanges {
@@ -880,10 +911,15 @@ mod tests {
             range: Range<u64>,
         ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, SourceError>> + Send + 'a>> {
             Box::pin(async move {
-                if self.fail.load(Ordering::SeqCst) > 0 {
-                    return Err("offline (test)".into());
-                }
                 self.requests.lock().unwrap().push(range.clone());
+                if let Some(gate) = &self.gate {
+                    gate.acquire().await.unwrap().forget();
+                }
+                let failing = self.fail.load(Ordering::SeqCst);
+                if failing > 0 {
+                    self.fail.store(failing - 1, Ordering::SeqCst);
+                    return Err("connection reset (test)".into());
+                }
                 Ok(self.blob[range.start as usize..range.end as usize].to_vec())
             })
         }
@@ -926,28 +962,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (blob, digest, toc) = sample();
-        let src = MemRanges {
-            blob: blob.clone(),
-            requests: Mutex::new(Vec::new()),
-            fail: AtomicUsize::new(0),
-        };
+        let src = MemRanges::new(blob.clone());
         let l = store
             .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(src.requests.lock().unwrap().len(), 2, "footer + TOC");
+        assert_eq!(src.requests().len(), 2, "footer + TOC");
         let big_ref = data_of(&l, "big");
         assert!(!l.is_complete(big_ref));
         l.ensure(&src, big_ref, 150_000..150_010).await.unwrap();
-        assert_eq!(src.requests.lock().unwrap().len(), 3, "one chunk");
+        assert_eq!(src.requests().len(), 3, "one chunk");
         let f = l.data_file(big_ref).unwrap();
         let mut buf = [0u8; 10];
         f.read_exact_at(&mut buf, 150_000).unwrap();
         assert_eq!(&buf[..], &big()[150_000..150_010]);
         // Present chunks are not fetched again; the two missing neighbours are one request.
         l.ensure(&src, big_ref, 0..300_000).await.unwrap();
-        assert_eq!(src.requests.lock().unwrap().len(), 5);
+        assert_eq!(src.requests().len(), 5);
         assert!(l.is_complete(big_ref));
         // Reopened from the store with no network: the TOC and chunks are there.
         src.fail.store(1, Ordering::SeqCst);
@@ -972,11 +1004,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let (blob, digest, toc) = sample();
         let wrong = Digest::sha256(b"not the toc");
-        let src = MemRanges {
-            blob: blob.clone(),
-            requests: Mutex::new(Vec::new()),
-            fail: AtomicUsize::new(0),
-        };
+        let src = MemRanges::new(blob.clone());
         assert!(
             store
                 .lazy_layer(&src, &digest, blob.len() as u64, Some(&wrong), MAX_ENTRIES)
@@ -995,11 +1023,7 @@ mod tests {
         let mut bad = blob.clone();
         let mid = (c.offset + c.compressed_len / 2) as usize;
         bad[mid] ^= 0xff;
-        let bad_src = MemRanges {
-            blob: bad,
-            requests: Mutex::new(Vec::new()),
-            fail: AtomicUsize::new(0),
-        };
+        let bad_src = MemRanges::new(bad);
         assert!(
             l.ensure(&bad_src, big_ref, c.chunk_offset..c.chunk_offset + 1)
                 .await
@@ -1034,11 +1058,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (blob, digest, toc) = with_landmark();
-        let src = MemRanges {
-            blob: blob.clone(),
-            requests: Mutex::new(Vec::new()),
-            fail: AtomicUsize::new(0),
-        };
+        let src = MemRanges::new(blob.clone());
         let l = store
             .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
             .await
@@ -1046,15 +1066,15 @@ mod tests {
             .unwrap();
         let end = l.landmark().unwrap();
         l.fetch_landmark(&src).await.unwrap();
-        assert_eq!(src.requests.lock().unwrap().len(), 3);
-        assert_eq!(src.requests.lock().unwrap()[2], 0..end);
+        assert_eq!(src.requests().len(), 3);
+        assert_eq!(src.requests()[2], 0..end);
         assert!(l.is_complete(data_of(&l, "big")));
         assert!(!l.is_complete(data_of(&l, "small")));
         // Again: the region is local, nothing is fetched.
         l.fetch_landmark(&src).await.unwrap();
-        assert_eq!(src.requests.lock().unwrap().len(), 3);
+        assert_eq!(src.requests().len(), 3);
         l.fill(&src).await.unwrap();
-        assert_eq!(src.requests.lock().unwrap().len(), 4, "small: one request");
+        assert_eq!(src.requests().len(), 4, "small: one request");
         assert_eq!(l.state().local, l.state().total);
     }
 
@@ -1063,11 +1083,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (blob, digest, toc) = sample();
-        let src = Arc::new(MemRanges {
-            blob: blob.clone(),
-            requests: Mutex::new(Vec::new()),
-            fail: AtomicUsize::new(0),
-        });
+        let src = Arc::new(MemRanges::new(blob.clone()));
         let l = Arc::new(
             store
                 .lazy_layer(&*src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
@@ -1083,67 +1099,24 @@ mod tests {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(src.requests.lock().unwrap().len(), 2, "only footer and TOC");
+        assert_eq!(src.requests().len(), 2, "only footer and TOC");
         assert!(!filler.is_finished());
         drop(reader);
         filler.await.unwrap().unwrap();
         assert_eq!(l.state().local, l.state().total);
     }
 
-    /// A range source whose requests are recorded when they start and then wait for a permit
-    /// of `gate`, so a test decides what is in flight; `fail` makes the next N fail.
-    struct GatedRanges {
-        blob: Vec<u8>,
-        started: Mutex<Vec<Range<u64>>>,
-        gate: tokio::sync::Semaphore,
-        fail: AtomicUsize,
-    }
-
-    impl GatedRanges {
-        fn new(blob: Vec<u8>) -> Arc<GatedRanges> {
-            Arc::new(GatedRanges {
-                blob,
-                started: Mutex::new(Vec::new()),
-                gate: tokio::sync::Semaphore::new(0),
-                fail: AtomicUsize::new(0),
-            })
-        }
-
-        fn started(&self) -> Vec<Range<u64>> {
-            self.started.lock().unwrap().clone()
-        }
-    }
-
-    impl RangeSource for GatedRanges {
-        fn fetch_range<'a>(
-            &'a self,
-            _digest: &'a Digest,
-            range: Range<u64>,
-        ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, SourceError>> + Send + 'a>> {
-            Box::pin(async move {
-                self.started.lock().unwrap().push(range.clone());
-                self.gate.acquire().await.unwrap().forget();
-                let failing = self.fail.load(Ordering::SeqCst);
-                if failing > 0 {
-                    self.fail.store(failing - 1, Ordering::SeqCst);
-                    return Err("connection reset (test)".into());
-                }
-                Ok(self.blob[range.start as usize..range.end as usize].to_vec())
-            })
-        }
-    }
-
     /// The sample layer over a gated source, its footer and TOC fetched (two requests).
-    async fn gated_layer(store: &Store) -> (Arc<LazyLayer>, Arc<GatedRanges>) {
+    async fn gated_layer(store: &Store) -> (Arc<LazyLayer>, Arc<MemRanges>) {
         let (blob, digest, toc) = sample();
-        let src = GatedRanges::new(blob.clone());
-        src.gate.add_permits(2);
+        let src = MemRanges::gated(blob.clone());
+        src.open(2);
         let l = store
             .lazy_layer(&*src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(src.started().len(), 2);
+        assert_eq!(src.requests().len(), 2);
         (Arc::new(l), src)
     }
 
@@ -1178,7 +1151,7 @@ mod tests {
             async move { l.fill(&*src).await }
         });
         settle().await;
-        assert_eq!(src.started().len(), 3, "the fill's one request");
+        assert_eq!(src.requests().len(), 3, "the fill's one request");
         // Two readers of chunks in that flight, and a second reader of the same bytes.
         let read = |data: DataRef, range: Range<u64>| {
             let (l, src) = (l.clone(), src.clone());
@@ -1191,17 +1164,17 @@ mod tests {
         ];
         settle().await;
         assert_eq!(
-            src.started().len(),
+            src.requests().len(),
             3,
             "readers wait for the flight, they do not fetch"
         );
         assert!(readers.iter().all(|r| !r.is_finished()));
-        src.gate.add_permits(100);
+        src.open(100);
         fill.await.unwrap().unwrap();
         for r in readers {
             r.await.unwrap().unwrap();
         }
-        assert_eq!(src.started().len(), 3);
+        assert_eq!(src.requests().len(), 3);
         assert_eq!(l.state().local, l.state().total);
     }
 
@@ -1217,7 +1190,7 @@ mod tests {
             async move { l.ensure(&*src, big, 150_000..150_001).await }
         });
         settle().await;
-        assert_eq!(src.started().len(), 3);
+        assert_eq!(src.requests().len(), 3);
         // The fill of this layer and of another layer of the same store both wait.
         let (other, other_src) = {
             let dir2 = dir.path().join("other");
@@ -1232,20 +1205,20 @@ mod tests {
             .map(|(l, s)| tokio::spawn(async move { l.fill(&*s).await }));
         settle().await;
         assert_eq!(
-            src.started().len(),
+            src.requests().len(),
             3,
             "no fill request while a reader fetches"
         );
-        assert_eq!(other_src.started().len(), 2, "not in another layer either");
-        src.gate.add_permits(1);
+        assert_eq!(other_src.requests().len(), 2, "not in another layer either");
+        src.open(1);
         reader.await.unwrap().unwrap();
-        src.gate.add_permits(100);
-        other_src.gate.add_permits(100);
+        src.open(100);
+        other_src.open(100);
         for f in fills {
             f.await.unwrap().unwrap();
         }
         // The fill split its batch around the chunk the reader fetched: no byte twice.
-        let requests = src.started();
+        let requests = src.requests();
         assert_eq!(requests.len(), 5, "{requests:?}");
         assert_disjoint(&requests[2..]);
         assert_eq!(l.state().local, l.state().total);
@@ -1264,12 +1237,12 @@ mod tests {
         };
         let (first, second) = (read(), read());
         settle().await;
-        assert_eq!(src.started().len(), 3, "one flight for both");
+        assert_eq!(src.requests().len(), 3, "one flight for both");
         src.fail.store(1, Ordering::SeqCst);
-        src.gate.add_permits(100);
+        src.open(100);
         assert!(first.await.unwrap().is_err());
         second.await.unwrap().unwrap();
-        let requests = src.started();
+        let requests = src.requests();
         assert_eq!(requests.len(), 4, "the waiter's own request: {requests:?}");
         assert_eq!(requests[2], requests[3]);
         assert!(l.missing(big, 0..10).is_empty());
@@ -1280,11 +1253,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (blob, digest, toc) = sample();
-        let src = MemRanges {
-            blob: blob.clone(),
-            requests: Mutex::new(Vec::new()),
-            fail: AtomicUsize::new(0),
-        };
+        let src = MemRanges::new(blob.clone());
         let err = store
             .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), 1)
             .await
@@ -1308,9 +1277,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (l, src) = gated_layer(&store).await;
-        src.gate.add_permits(100);
+        src.open(100);
         l.ensure(&*src, data_of(&l, "big"), 0..1).await.unwrap();
-        assert_eq!(src.started().len(), 3);
+        assert_eq!(src.requests().len(), 3);
         let fill = tokio::spawn({
             let (l, src) = (l.clone(), src.clone());
             async move { l.fill(&*src).await }
@@ -1319,13 +1288,13 @@ mod tests {
         tokio::time::advance(READERS_QUIET - Duration::from_millis(10)).await;
         settle().await;
         assert_eq!(
-            src.started().len(),
+            src.requests().len(),
             3,
             "the fill waits for the quiet period"
         );
         tokio::time::advance(Duration::from_millis(20)).await;
         fill.await.unwrap().unwrap();
-        assert!(src.started().len() > 3);
+        assert!(src.requests().len() > 3);
         assert_eq!(l.state().local, l.state().total);
     }
 
