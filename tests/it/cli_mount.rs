@@ -467,6 +467,22 @@ fn du_bytes(dir: &Path) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Fixtures
 
+/// The mount of a fixture (`what` names it) shows exactly `expected-rootfs.txt`.
+#[track_caller]
+pub(crate) fn assert_expected_rootfs(m: &Mount, what: &str) {
+    let got = rootfs_lines(&walk_mount(m));
+    let want: Vec<String> = fs::read_to_string(fixture_path("expected-rootfs.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        got.join("\n"),
+        want.join("\n"),
+        "{what}: the mount (left) differs from expected-rootfs.txt (right)"
+    );
+}
+
 /// The mount in `expected-rootfs.txt`'s format: `PATH TYPE MODE SIZE SHA256-or-TARGET`.
 pub(crate) fn rootfs_lines(snap: &Snapshot) -> Vec<String> {
     snap.nodes
@@ -517,17 +533,7 @@ fn check_fixture(archive: &str, tag: &str) {
     for meta in META_FILES {
         assert!(root.contains(meta.as_bytes()), "{archive}: no {meta}");
     }
-    let got = rootfs_lines(&walk_mount(&m));
-    let want: Vec<String> = fs::read_to_string(fixture_path("expected-rootfs.txt"))
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    assert_eq!(
-        got.join("\n"),
-        want.join("\n"),
-        "{archive}: the mount (left) differs from expected-rootfs.txt (right)"
-    );
+    assert_expected_rootfs(&m, archive);
     m.unmount();
 }
 

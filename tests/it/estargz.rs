@@ -16,7 +16,7 @@ use imagefs::layer::estargz::{
 use imagefs::layer::estargz::{Landmark, WriterOptions, build};
 use imagefs::layer::index::{Entry as IndexEntry, EntryKind};
 
-use crate::cli_mount::{rootfs_lines, walk_mount};
+use crate::cli_mount::assert_expected_rootfs;
 use crate::support::adversary::{Adversary, Recorded, Reply};
 use crate::support::mounts::{Mount, TIMEOUT, wait_until};
 use crate::support::{
@@ -94,17 +94,7 @@ fn check_estargz_fixture(archive: &str, tag: &str) {
         );
     }
 
-    let got = rootfs_lines(&walk_mount(&m));
-    let want: Vec<String> = fs::read_to_string(fixture_path("expected-rootfs.txt"))
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    assert_eq!(
-        got.join("\n"),
-        want.join("\n"),
-        "{archive}: the mount (left) differs from expected-rootfs.txt (right)"
-    );
+    assert_expected_rootfs(&m, archive);
     m.unmount();
 }
 
@@ -531,13 +521,7 @@ fn the_default_prefetch_takes_the_landmark_region_in_one_request_then_the_rest()
     // Offline, everything reads.
     drop(registry);
     let m = Mount::new(&imagefs, &["--offline"], &reference);
-    let got = rootfs_lines(&walk_mount(&m));
-    let want: Vec<String> = fs::read_to_string(fixture_path("expected-rootfs.txt"))
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    assert_eq!(got.join("\n"), want.join("\n"));
+    assert_expected_rootfs(&m, "the optimized fixture, offline");
     m.unmount();
 }
 
