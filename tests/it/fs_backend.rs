@@ -448,44 +448,29 @@ fn cstr(p: &Path) -> CString {
 /// `lgetxattr` into a buffer of `size` bytes (0: the size probe).
 fn getxattr(path: &Path, name: &str, size: usize) -> Result<Vec<u8>, i32> {
     let name = CString::new(name).unwrap();
-    let mut buf = vec![0u8; size];
-    // SAFETY: valid C strings; buf has `size` bytes (null when probing).
-    let n = unsafe {
-        libc::lgetxattr(
-            cstr(path).as_ptr(),
-            name.as_ptr(),
-            if size == 0 {
-                std::ptr::null_mut()
-            } else {
-                buf.as_mut_ptr().cast()
-            },
-            size,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error().raw_os_error().unwrap());
-    }
-    if size == 0 {
-        return Ok(n.to_string().into_bytes());
-    }
-    buf.truncate(n as usize);
-    Ok(buf)
+    // SAFETY: valid C strings; `buf` has `size` bytes (null when probing).
+    xattr_call(size, |buf| unsafe {
+        libc::lgetxattr(cstr(path).as_ptr(), name.as_ptr(), buf, size)
+    })
 }
 
 fn listxattr(path: &Path, size: usize) -> Result<Vec<u8>, i32> {
-    let mut buf = vec![0u8; size];
     // SAFETY: as in getxattr.
-    let n = unsafe {
-        libc::llistxattr(
-            cstr(path).as_ptr(),
-            if size == 0 {
-                std::ptr::null_mut()
-            } else {
-                buf.as_mut_ptr().cast()
-            },
-            size,
-        )
+    xattr_call(size, |buf| unsafe {
+        libc::llistxattr(cstr(path).as_ptr(), buf.cast(), size)
+    })
+}
+
+/// Run an xattr call with a buffer of `size` bytes (null for 0, the size probe): the bytes it
+/// wrote, or for the probe the size it reported as text, or the errno.
+fn xattr_call(size: usize, call: impl FnOnce(*mut libc::c_void) -> isize) -> Result<Vec<u8>, i32> {
+    let mut buf = vec![0u8; size];
+    let ptr = if size == 0 {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr().cast()
     };
+    let n = call(ptr);
     if n < 0 {
         return Err(io::Error::last_os_error().raw_os_error().unwrap());
     }
