@@ -437,22 +437,14 @@ class Bench:
                 self.commands[f"6{key}{mode}"] = (
                     f"(mounted {mode or 'by default'}) " + cmd.format(d="MNT"), cmd.format(d=str(native)))
         # Row 8 on the same mount: the daemon's resident set after walking everything.
-        pid = self.daemon_pid()
-        rss_kb = 0
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss_kb = int(line.split()[1])
+        rss = [self.daemon_rss_mib()]
         self.umount_all()
         # (deleted with the work directory at the end; see `new_dir`)
         self.rows["6"] = res
         # Also the realistic image, walked and every file read.
-        rss = [rss_kb / 1024]
         sh(self.imagefs(f"mount {self.ref('realistic-gzip')} {self.mnt}"))
         sh(f"tar -C {self.mnt} -cf - . | cat >/dev/null")
-        pid = self.daemon_pid()
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss.append(int(line.split()[1]) / 1024)
+        rss.append(self.daemon_rss_mib())
         self.umount_all()
         self.rows["8"] = rss
         self.commands["8"] = ("VmRSS of the mount daemon after `find`+`tar` over the tree20k mount; "
