@@ -4,6 +4,7 @@
 
 pub mod decompress;
 pub mod estargz;
+pub mod extract;
 pub mod index;
 pub mod tar;
 

@@ -12,12 +12,13 @@
 //! are named by number, never by the entry's name, so no tar entry can write elsewhere.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use tar::EntryType;
 
 use super::estargz;
+use super::extract::{Extractor, WriteError};
 use super::index::{DataRef, Entry, EntryKind, LayerIndex, Timespec, Xattr, clean_path};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,7 @@ pub fn index_layer_bounded<R: Read>(
 ) -> Result<LayerIndex, TarError> {
     let mut archive = tar::Archive::new(reader);
     let mut entries = Vec::new();
+    let mut out = data_dir.map(|_| Extractor::new());
     let mut seen: u64 = 0;
     let mut next_id: u32 = 0;
     let iter = archive
@@ -99,7 +101,8 @@ pub fn index_layer_bounded<R: Read>(
             }
             EntryKind::File => {
                 let id = next_id;
-                entry.size = file_content(&mut te, data_dir, DataRef { id }, sparse, &bad)?;
+                let to = data_dir.zip(out.as_mut());
+                entry.size = file_content(&mut te, to, DataRef { id }, sparse, &bad)?;
                 if entry.size > 0 {
                     entry.data = Some(DataRef { id });
                     next_id = next_id
@@ -110,6 +113,9 @@ pub fn index_layer_bounded<R: Read>(
             EntryKind::Dir | EntryKind::Fifo => {}
         }
         entries.push(entry);
+    }
+    if let Some(out) = out {
+        out.finish().map_err(write_error)?;
     }
 
     // eStargz layers are valid tar.gz; their metadata entries are not part of the image.
@@ -203,75 +209,46 @@ fn entry_metadata<R: Read>(
 /// indexing); returns its size. An empty file leaves no data file.
 fn file_content<R: Read>(
     te: &mut tar::Entry<'_, R>,
-    data_dir: Option<&Path>,
+    data_dir: Option<(&Path, &mut Extractor)>,
     data: DataRef,
     sparse: Option<SparseLayout>,
     bad: &impl Fn(String) -> TarError,
 ) -> Result<u64, TarError> {
-    let Some(dir) = data_dir else {
+    let Some((dir, out)) = data_dir else {
         return match sparse {
             Some(s) => write_sparse(te, None, &s, bad),
             None => io::copy(te, &mut io::sink()).map_err(|source| TarError::Read { source }),
         };
     };
     let file_path = data_path(dir, data);
-    let n = match sparse {
-        Some(s) => write_sparse(te, Some(&file_path), &s, bad)?,
-        None => write_file(te, &file_path)?,
-    };
-    if n == 0 {
-        let _ = std::fs::remove_file(&file_path);
+    match sparse {
+        Some(s) => {
+            let n = write_sparse(te, Some(&file_path), &s, bad)?;
+            if n == 0 {
+                let _ = std::fs::remove_file(&file_path);
+            }
+            Ok(n)
+        }
+        None => {
+            let size = te.size();
+            out.write(te, size, file_path)
+                .map_err(write_error)?
+                .map_err(|source| TarError::Read { source })?;
+            Ok(size)
+        }
     }
-    Ok(n)
+}
+
+fn write_error(e: WriteError) -> TarError {
+    TarError::Write {
+        path: e.path,
+        source: e.source,
+    }
 }
 
 /// Where the content with `data` lives under a layer's data directory.
 pub fn data_path(dir: &Path, data: DataRef) -> PathBuf {
     dir.join(data.id.to_string())
-}
-
-/// Copy an entry's content to a new file, leaving runs of zeros as holes so that sparse
-/// files stay sparse on disk. Returns the number of content bytes.
-fn write_file(reader: &mut impl Read, path: &Path) -> Result<u64, TarError> {
-    const BUF: usize = 1 << 20;
-    const BLOCK: usize = 64 << 10;
-    let werr = |source| TarError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(werr)?;
-    let mut buf = vec![0u8; BUF];
-    let mut total: u64 = 0;
-    let mut hole = false;
-    loop {
-        let n = read_full(reader, &mut buf).map_err(|source| TarError::Read { source })?;
-        if n == 0 {
-            break;
-        }
-        let mut start = 0;
-        while start < n {
-            let end = (start + BLOCK).min(n);
-            let block = &buf[start..end];
-            if block.iter().all(|&b| b == 0) {
-                file.seek(SeekFrom::Current(block.len() as i64))
-                    .map_err(werr)?;
-                hole = true;
-            } else {
-                file.write_all(block).map_err(werr)?;
-                hole = false;
-            }
-            start = end;
-        }
-        total += n as u64;
-    }
-    if hole {
-        file.set_len(total).map_err(werr)?;
-    }
-    Ok(total)
 }
 
 /// GNU tar's sparse files in PAX archives (`tar --sparse --format=pax`), which the `tar`
