@@ -192,7 +192,7 @@ mod tests {
                 uid: 1000,
                 gid: 100,
                 mtime: Timespec { sec: 10, nsec: 5 },
-                xattrs: Vec::new(),
+                xattrs: Box::default(),
             },
             nlink: 1,
             content,
@@ -244,13 +244,7 @@ mod tests {
             ),
             (inode(0o644, Content::Fifo), FileType::NamedPipe, 0, 0, 0),
             (
-                inode(
-                    0o1777,
-                    Content::Dir {
-                        parent: 0,
-                        children: Vec::new(),
-                    },
-                ),
+                inode(0o1777, Content::dir(0)),
                 FileType::Directory,
                 DIR_SIZE,
                 8,

@@ -144,9 +144,10 @@ impl ImageFs {
         mut emit: impl FnMut(u64, &OsStr, &FileAttr) -> bool,
     ) -> Result<(), OpError> {
         let (tree, id, inode) = self.inode(ino)?;
-        let Content::Dir { parent, children } = &inode.content else {
+        let Content::Dir { parent, .. } = &inode.content else {
             return Err(OpError::NotDir);
         };
+        let children = tree.children(inode);
         let metas = if id == ROOT { meta::NAMES.len() } else { 0 };
         let prefix = 2 + metas as u64;
         let end = prefix + children.len() as u64;
@@ -162,12 +163,13 @@ impl ImageFs {
                     emit(n + 1, OsStr::from_bytes(meta::NAMES[i]), &self.meta.attr(i))
                 }
                 n => {
-                    let (name, child) = &children[(n - prefix) as usize];
+                    let entry = &children[(n - prefix) as usize];
+                    let (name, child) = (tree.name(entry), entry.ino);
                     if metas > 0 && MetaTable::by_name(name).is_some() {
                         continue;
                     }
-                    let node = tree.get(*child).ok_or(OpError::NotFound)?;
-                    emit(n + 1, OsStr::from_bytes(name), &inode_attr(*child, node))
+                    let node = tree.get(child).ok_or(OpError::NotFound)?;
+                    emit(n + 1, OsStr::from_bytes(name), &inode_attr(child, node))
                 }
             };
             if full {
@@ -898,20 +900,17 @@ mod tests {
         }
     }
 
-    fn dir(parent: InodeId, children: &[(&[u8], InodeId)]) -> Inode {
+    fn dir(parent: InodeId) -> Inode {
         Inode {
             meta: crate::overlay::Meta {
                 mode: 0o755,
                 uid: 0,
                 gid: 0,
                 mtime: Default::default(),
-                xattrs: Vec::new(),
+                xattrs: Box::default(),
             },
             nlink: 2,
-            content: Content::Dir {
-                parent,
-                children: children.iter().map(|(n, i)| (Box::from(*n), *i)).collect(),
-            },
+            content: Content::dir(parent),
         }
     }
 
@@ -923,16 +922,10 @@ mod tests {
                 layer: 0,
                 data: None,
             },
-            ..dir(0, &[])
+            ..dir(0)
         };
-        let tree = Tree {
-            inodes: vec![
-                dir(ROOT, &[(b".digest", 1), (b"a", 2), (b"b", 3)]),
-                file(7),
-                file(8),
-                dir(ROOT, &[]),
-            ],
-        };
+        let mut tree = Tree::new(vec![dir(ROOT), file(7), file(8), dir(ROOT)]);
+        tree.set_children(ROOT, &[(b".digest", 1), (b"a", 2), (b"b", 3)]);
         let meta = MetaTable::new(crate::fs::MetaFiles {
             config: b"{}".to_vec(),
             manifest: b"{}".to_vec(),

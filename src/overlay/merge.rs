@@ -485,48 +485,58 @@ impl Builder {
     fn into_tree(mut self) -> Result<Tree, MergeError> {
         const UNSEEN: InodeId = InodeId::MAX;
         let mut ids = vec![UNSEEN; self.nodes.len()];
-        let mut inodes = Vec::new();
+        let mut tree = Tree::new(Vec::new());
+        let too_large = |tree: &Tree| MergeError::TooLarge {
+            count: tree.inodes.len(),
+        };
         let root_children = self.take_dir(ARENA_ROOT);
-        inodes.push(Inode {
+        let run = tree
+            .reserve_entries(root_children.keys().map(|k| &k[..]))
+            .map_err(|_| too_large(&tree))?;
+        tree.inodes.push(Inode {
             meta: take_meta(&mut self.nodes[ARENA_ROOT]),
             nlink: 2,
             content: Content::Dir {
                 parent: ROOT,
-                children: Vec::with_capacity(root_children.len()),
+                entries: run,
             },
         });
-        let mut stack = vec![(ROOT, root_children.into_iter())];
-        while let Some((dir_id, iter)) = stack.last_mut() {
-            let dir_id = *dir_id;
-            let Some((name, child)) = iter.next() else {
+        // Per open directory: its id, its entries' run, the next entry and the children.
+        let mut stack = vec![(ROOT, run, 0, root_children.into_values())];
+        while let Some((dir_id, run, i, iter)) = stack.last_mut() {
+            let (dir_id, run, at) = (*dir_id, *run, *i);
+            let Some(child) = iter.next() else {
                 stack.pop();
                 continue;
             };
-            let next_id = InodeId::try_from(inodes.len())
+            *i += 1;
+            let next_id = InodeId::try_from(tree.inodes.len())
                 .ok()
                 .filter(|&id| id != UNSEEN)
-                .ok_or(MergeError::TooLarge {
-                    count: inodes.len(),
-                })?;
+                .ok_or_else(|| too_large(&tree))?;
             let node = &mut self.nodes[child.node];
             let id = match std::mem::replace(&mut node.body, Body::Moved) {
                 Body::Dir(dir) => {
                     let grandchildren = dir.children;
-                    inodes.push(Inode {
-                        meta: take_meta(node),
+                    let meta = take_meta(node);
+                    let sub = tree
+                        .reserve_entries(grandchildren.keys().map(|k| &k[..]))
+                        .map_err(|_| too_large(&tree))?;
+                    tree.inodes.push(Inode {
+                        meta,
                         nlink: 2,
                         content: Content::Dir {
                             parent: dir_id,
-                            children: Vec::with_capacity(grandchildren.len()),
+                            entries: sub,
                         },
                     });
-                    inodes[dir_id as usize].nlink += 1;
-                    stack.push((next_id, grandchildren.into_iter()));
+                    tree.inodes[dir_id as usize].nlink += 1;
+                    stack.push((next_id, sub, 0, grandchildren.into_values()));
                     next_id
                 }
                 Body::Leaf(content) => {
                     ids[child.node] = next_id;
-                    inodes.push(Inode {
+                    tree.inodes.push(Inode {
                         meta: take_meta(node),
                         nlink: 1,
                         content,
@@ -535,15 +545,14 @@ impl Builder {
                 }
                 Body::Moved => {
                     let id = ids[child.node];
-                    inodes[id as usize].nlink += 1;
+                    tree.inodes[id as usize].nlink += 1;
                     id
                 }
             };
-            if let Content::Dir { children, .. } = &mut inodes[dir_id as usize].content {
-                children.push((name, id));
-            }
+            tree.set_entry(run, at, id);
         }
-        Ok(Tree { inodes })
+        tree.shrink_to_fit();
+        Ok(tree)
     }
 
     fn take_dir(&mut self, id: NodeId) -> BTreeMap<Box<[u8]>, Child> {
@@ -565,7 +574,7 @@ fn meta_of(e: &Entry) -> Meta {
         uid: e.uid,
         gid: e.gid,
         mtime: e.mtime,
-        xattrs: e.xattrs.clone(),
+        xattrs: e.xattrs.as_slice().into(),
     }
 }
 
@@ -576,7 +585,7 @@ fn default_dir_meta() -> Meta {
         uid: 0,
         gid: 0,
         mtime: Timespec::default(),
-        xattrs: Vec::new(),
+        xattrs: Box::default(),
     }
 }
 

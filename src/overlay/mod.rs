@@ -10,4 +10,4 @@ pub(crate) mod notation;
 mod tree;
 
 pub use merge::{MergeError, merge};
-pub use tree::{Content, Inode, InodeId, Meta, ROOT, Tree};
+pub use tree::{Content, DirEntry, Inode, InodeId, Meta, ROOT, Run, Tree};

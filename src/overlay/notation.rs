@@ -262,8 +262,9 @@ pub(crate) fn listing(tree: &Tree) -> Vec<Item> {
     let mut stack = vec![(Vec::new(), ROOT)];
     while let Some((path, id)) = stack.pop() {
         let inode = &tree.inodes[id as usize];
-        if let Content::Dir { children, .. } = &inode.content {
-            for (name, child) in children.iter().rev() {
+        for entry in tree.children(inode).iter().rev() {
+            let (name, child) = (tree.name(entry), &entry.ino);
+            {
                 let p = if path.is_empty() {
                     name.to_vec()
                 } else {

@@ -76,7 +76,9 @@ const RECORD: usize = 8;
 pub struct LazyLayer {
     digest: Digest,
     dir: PathBuf,
-    index: LayerIndex,
+    /// The layer's entries until the tree is built from them ([`LazyLayer::take_index`]):
+    /// reads need only the chunk map, and a big layer's index is worth its memory back.
+    index: Mutex<LayerIndex>,
     chunks: ChunkMap,
     prefetch_end: Option<u64>,
     /// Chunks known present, as (file id, chunk number). A std Mutex: held for set lookups and
@@ -371,7 +373,7 @@ impl LazyLayer {
         Ok(LazyLayer {
             digest,
             dir,
-            index,
+            index: Mutex::new(index),
             chunks,
             prefetch_end,
             present: Mutex::new(present),
@@ -385,8 +387,10 @@ impl LazyLayer {
         &self.digest
     }
 
-    pub fn index(&self) -> &LayerIndex {
-        &self.index
+    /// The layer's entries, handed over once (to the merge); later calls get an empty
+    /// index.
+    pub fn take_index(&self) -> LayerIndex {
+        std::mem::take(&mut *self.index.lock().expect("index lock"))
     }
 
     /// Local and total file bytes.
@@ -949,7 +953,9 @@ mod tests {
     }
 
     fn data_of(l: &LazyLayer, path: &str) -> DataRef {
-        l.index()
+        l.index
+            .lock()
+            .unwrap()
             .entries
             .iter()
             .find(|e| e.path == path.as_bytes())

@@ -108,6 +108,8 @@ fn data_path(dir: &Path, layer: u32, data: DataRef) -> PathBuf {
 /// Builds a `Tree` inode by inode, writing file contents into `data`.
 struct TreeBuilder {
     inodes: Vec<Inode>,
+    /// Per inode, the names in it (directories only).
+    children: Vec<Vec<(Vec<u8>, InodeId)>>,
     data: PathBuf,
     next_data: u32,
 }
@@ -118,7 +120,7 @@ fn meta(mode: u32) -> Meta {
         uid: 0,
         gid: 0,
         mtime: Timespec::default(),
-        xattrs: Vec::new(),
+        xattrs: Box::default(),
     }
 }
 
@@ -127,13 +129,11 @@ impl TreeBuilder {
         let root = Inode {
             meta: meta(0o755),
             nlink: 2,
-            content: Content::Dir {
-                parent: ROOT,
-                children: Vec::new(),
-            },
+            content: Content::dir(ROOT),
         };
         TreeBuilder {
             inodes: vec![root],
+            children: vec![Vec::new()],
             data: data.to_path_buf(),
             next_data: 0,
         }
@@ -147,6 +147,7 @@ impl TreeBuilder {
             nlink: if is_dir { 2 } else { 1 },
             content,
         });
+        self.children.push(Vec::new());
         if is_dir {
             self.inodes[parent as usize].nlink += 1;
         }
@@ -155,18 +156,15 @@ impl TreeBuilder {
     }
 
     fn name(&mut self, parent: InodeId, name: &[u8], id: InodeId) {
-        match &mut self.inodes[parent as usize].content {
-            Content::Dir { children, .. } => children.push((name.into(), id)),
-            _ => panic!("parent {parent} is not a directory"),
-        }
+        assert!(
+            matches!(self.inodes[parent as usize].content, Content::Dir { .. }),
+            "parent {parent} is not a directory"
+        );
+        self.children[parent as usize].push((name.into(), id));
     }
 
     fn dir(&mut self, parent: InodeId, name: &[u8], mode: u32) -> InodeId {
-        let content = Content::Dir {
-            parent,
-            children: Vec::new(),
-        };
-        self.add(parent, name, mode, content)
+        self.add(parent, name, mode, Content::dir(parent))
     }
 
     fn file(
@@ -197,14 +195,16 @@ impl TreeBuilder {
     }
 
     fn build(mut self) -> Tree {
-        for inode in &mut self.inodes {
-            if let Content::Dir { children, .. } = &mut inode.content {
-                children.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut tree = Tree::new(self.inodes);
+        for (id, children) in self.children.iter_mut().enumerate() {
+            if matches!(tree.inodes[id].content, Content::Dir { .. }) {
+                children.sort();
+                let named: Vec<(&[u8], InodeId)> =
+                    children.iter().map(|(n, i)| (&n[..], *i)).collect();
+                tree.set_children(id as InodeId, &named);
             }
         }
-        Tree {
-            inodes: self.inodes,
-        }
+        tree
     }
 }
 
@@ -268,7 +268,8 @@ fn sample_tree(data: &Path) -> Tree {
             name: b"user.note".to_vec(),
             value: b"hello".to_vec(),
         },
-    ];
+    ]
+    .into();
     let many = b.dir(ROOT, b"many", 0o755);
     for i in 0..MANY {
         b.file(

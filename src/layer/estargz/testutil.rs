@@ -113,10 +113,10 @@ pub(crate) fn render(tree: &Tree, layers: &[(&[u8], &ChunkMap)]) -> String {
             path.clone()
         };
         let line = match &inode.content {
-            Content::Dir { children, .. } => {
-                for (name, child) in children {
-                    let name = String::from_utf8_lossy(name);
-                    walk(tree, *child, format!("{path}/{name}"), layers, out);
+            Content::Dir { .. } => {
+                for entry in tree.children(inode) {
+                    let name = String::from_utf8_lossy(tree.name(entry));
+                    walk(tree, entry.ino, format!("{path}/{name}"), layers, out);
                 }
                 format!("{shown} dir {mode} - -")
             }

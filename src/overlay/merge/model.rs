@@ -50,12 +50,9 @@ fn dir_node(ino: u64, touched: usize) -> Node {
             uid: 0,
             gid: 0,
             mtime: Timespec::default(),
-            xattrs: Vec::new(),
+            xattrs: Box::default(),
         },
-        content: Content::Dir {
-            parent: 0,
-            children: Vec::new(),
-        },
+        content: Content::dir(0),
         ino,
         touched,
     }
@@ -252,6 +249,6 @@ fn meta_of(e: &Entry) -> Meta {
         uid: e.uid,
         gid: e.gid,
         mtime: e.mtime,
-        xattrs: e.xattrs.clone(),
+        xattrs: e.xattrs.as_slice().into(),
     }
 }
