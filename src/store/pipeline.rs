@@ -26,6 +26,7 @@ use crate::layer::decompress::{self, Limits};
 use crate::layer::tar::index_layer_bounded;
 use crate::oci::{Compression, Digest, Hasher};
 use crate::retry::{RetryPolicy, Verdict};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 /// Error from a [`BlobSource`], kept as the source's own error (its Display says what
 /// happened and what to do).
@@ -483,21 +484,97 @@ fn decode_and_index<R: Read + Send>(
         Some(d) => d.hasher(),
         None => Hasher::new(crate::oci::digest::Algorithm::Sha256),
     };
-    let mut tar_stream = Hashing::new(bounded, hasher, Arc::new(|_| {}));
-    let index = match index_layer_bounded(&mut tar_stream, Some(data_dir), job.limits.max_entries) {
-        Ok(i) => i,
-        Err(crate::layer::tar::TarError::Read { source }) => return Err(source),
-        Err(e) => {
-            return Ok(Err(StoreError::Layer {
-                digest: job.digest.clone(),
-                source: e.into(),
-            }));
+    // Two stages on two cores: this thread's helper reads the input (network, partial file,
+    // blob digest) and inflates; this thread hashes the tar for the diff_id, parses it and
+    // hands file contents to the extraction writers.
+    std::thread::scope(|s| {
+        let (tx, rx) = sync_channel(STAGE_BLOCKS);
+        let (back_tx, back_rx) = sync_channel(STAGE_BLOCKS + 2);
+        s.spawn(move || pump(bounded, &tx, &back_rx));
+        let staged = Staged {
+            rx,
+            back: back_tx,
+            cur: Vec::new(),
+            pos: 0,
+        };
+        let mut tar_stream = Hashing::new(staged, hasher, Arc::new(|_| {}));
+        let index =
+            match index_layer_bounded(&mut tar_stream, Some(data_dir), job.limits.max_entries) {
+                Ok(i) => i,
+                Err(crate::layer::tar::TarError::Read { source }) => return Err(source),
+                Err(e) => {
+                    return Ok(Err(StoreError::Layer {
+                        digest: job.digest.clone(),
+                        source: e.into(),
+                    }));
+                }
+            };
+        // Hash everything after the end-of-archive marker too: the diff_id covers it.
+        io::copy(&mut tar_stream, &mut io::sink())?;
+        let diff_id = tar_stream.hasher.take().expect("hasher").finish();
+        Ok(Ok((index, diff_id)))
+    })
+}
+
+/// Blocks in flight between the two stages of [`decode_and_index`], and their size.
+const STAGE_BLOCKS: usize = 4;
+const STAGE_BLOCK: usize = 256 << 10;
+
+/// The first stage: read `input` to its end in blocks, reusing the blocks handed back. Stops
+/// at the first error (passed on) or when the reader is gone.
+fn pump(mut input: impl Read, tx: &SyncSender<io::Result<Vec<u8>>>, back: &Receiver<Vec<u8>>) {
+    loop {
+        let mut block = back.try_recv().unwrap_or_else(|_| vec![0u8; STAGE_BLOCK]);
+        block.resize(STAGE_BLOCK, 0);
+        let mut filled = 0;
+        while filled < block.len() {
+            match input.read(&mut block[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
         }
-    };
-    // Hash everything after the end-of-archive marker too: the diff_id covers it.
-    io::copy(&mut tar_stream, &mut io::sink())?;
-    let diff_id = tar_stream.hasher.take().expect("hasher").finish();
-    Ok(Ok((index, diff_id)))
+        if filled == 0 {
+            return;
+        }
+        block.truncate(filled);
+        if tx.send(Ok(block)).is_err() {
+            return;
+        }
+    }
+}
+
+/// The second stage's view of the first: the blocks in order, then end of input when the
+/// first stage is done.
+struct Staged {
+    rx: Receiver<io::Result<Vec<u8>>>,
+    back: SyncSender<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for Staged {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok(block)) => {
+                    let used = std::mem::replace(&mut self.cur, block);
+                    let _ = self.back.try_send(used);
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// The compression of a stream, from its first bytes (as containerd's `DecompressStream`
