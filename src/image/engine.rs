@@ -54,6 +54,9 @@ pub struct ServeOptions {
     pub require_toc_digest: bool,
     /// The cache bound, enforced (off the first reader's path) once the tree is built.
     pub cache_max: Option<u64>,
+    /// How far a small read of a lazy layer extends over the free chunks after it in the
+    /// blob ([`crate::store::READ_AROUND`] by default; 0: only what is read).
+    pub read_around: u64,
 }
 
 /// How a layer download is resumed: 4 attempts, 400 ms doubling (jittered), no deadline (an
@@ -410,7 +413,7 @@ impl MountedImage {
         if let (Some(_), None) = (&l, &toc) {
             tracing::info!(digest = %desc.digest, "eStargz layer without a {TOC_DIGEST_ANNOTATION} annotation: served lazily with its TOC as the registry sent it (--require-toc-digest fetches such layers whole)");
         }
-        Ok(l.map(Arc::new))
+        Ok(l.map(|l| Arc::new(l.with_read_around(self.options.read_around))))
     }
 
     fn lazy_layer(&self, layer: u32) -> Option<&Arc<LazyLayer>> {

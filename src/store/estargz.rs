@@ -80,6 +80,11 @@ pub struct LazyLayer {
     /// reads need only the chunk map, and a big layer's index is worth its memory back.
     index: Mutex<LayerIndex>,
     chunks: ChunkMap,
+    /// Every chunk as (blob offset, file id, chunk number), in blob order: what lies next to
+    /// a chunk in the blob, for [`READ_AROUND`].
+    order: Vec<(u64, u32, u32)>,
+    /// [`READ_AROUND`] unless set otherwise ([`LazyLayer::with_read_around`]).
+    read_around: u64,
     prefetch_end: Option<u64>,
     /// Chunks known present, as (file id, chunk number). A std Mutex: held for set lookups and
     /// inserts only, never across I/O.
@@ -195,6 +200,13 @@ impl Drop for Reading<'_> {
 /// Most compressed bytes the background fill asks for in one request: small enough that a
 /// reader arriving meanwhile shares the link with at most one such batch.
 pub const FILL_BATCH: u64 = 2 << 20;
+
+/// A reader's request for less than this many compressed bytes is extended over the chunks
+/// that follow it in the blob (other files' usually: eStargz lays a directory's files out
+/// together, as a walker reads them), as long as they are free and adjacent. A tree walk
+/// then costs a request per 512 KiB instead of one per file, while the background fill is
+/// paused for the reader; each chunk is still fetched once.
+pub const READ_AROUND: u64 = 512 << 10;
 
 impl Store {
     /// Where the lazy state of eStargz blob `blob` lives.
@@ -370,7 +382,18 @@ impl LazyLayer {
             .open(&log_path)
             .map_err(io_err(&log_path))?;
         let present = read_present(&mut log, &chunks).map_err(io_err(&log_path))?;
+        let mut order: Vec<(u64, u32, u32)> = chunks
+            .iter()
+            .flat_map(|(data, cs)| {
+                cs.iter()
+                    .enumerate()
+                    .map(move |(n, c)| (c.offset, data.id, n as u32))
+            })
+            .collect();
+        order.sort_unstable();
         Ok(LazyLayer {
+            order,
+            read_around: READ_AROUND,
             digest,
             dir,
             index: Mutex::new(index),
@@ -385,6 +408,13 @@ impl LazyLayer {
 
     pub fn digest(&self) -> &Digest {
         &self.digest
+    }
+
+    /// Extend small reader requests over up to `bytes` of what follows them in the blob
+    /// (0: fetch only what is read).
+    pub fn with_read_around(mut self, bytes: u64) -> LazyLayer {
+        self.read_around = bytes;
+        self
     }
 
     /// The layer's entries, handed over once (to the merge); later calls get an empty
@@ -468,7 +498,12 @@ impl LazyLayer {
             let (claim, flights) = self.claim(missing.iter().map(|&n| (data.id, n)));
             let mine: Vec<u32> = claim.keys.iter().map(|&(_, n)| n).collect();
             for run in runs(chunks, &mine) {
-                let wanted: Vec<(DataRef, u32)> = run.map(|n| (data, n)).collect();
+                let mut wanted: Vec<(DataRef, u32)> = run.map(|n| (data, n)).collect();
+                let first = &chunks[wanted[0].1 as usize];
+                let last = &chunks[wanted[wanted.len() - 1].1 as usize];
+                let span = first.offset..last.compressed_range().end;
+                let around = self.claim_after(span);
+                wanted.extend(around.keys.iter().map(|&(id, n)| (DataRef { id }, n)));
                 self.fetch_chunks(source, &wanted).await?;
             }
             drop(claim);
@@ -525,6 +560,46 @@ impl LazyLayer {
             _done: done,
         };
         (claim, waits)
+    }
+
+    /// Claim the chunks that follow the blob range `span` without a gap, as long as they are
+    /// neither present nor in flight and the whole span stays within the read-around
+    /// ([`READ_AROUND`] by default; see there). The claim's keys are in blob order.
+    fn claim_after(&self, span: Range<u64>) -> Claim<'_> {
+        let (done, rx) = watch::channel(());
+        let mut keys = Vec::new();
+        if span.end - span.start < self.read_around {
+            let mut flights = self.flights.lock().expect("flights lock");
+            let present = self.present.lock().expect("present lock");
+            let mut end = span.end;
+            let at = self.order.partition_point(|&(off, _, _)| off < end);
+            for &(off, id, n) in &self.order[at..] {
+                let key = (id, n);
+                let Some(c) = self
+                    .chunks
+                    .chunks(DataRef { id })
+                    .and_then(|cs| cs.get(n as usize))
+                else {
+                    break;
+                };
+                let next_end = c.compressed_range().end;
+                if off != end
+                    || next_end - span.start > self.read_around
+                    || present.contains(&key)
+                    || flights.contains_key(&key)
+                {
+                    break;
+                }
+                flights.insert(key, rx.clone());
+                keys.push(key);
+                end = next_end;
+            }
+        }
+        Claim {
+            layer: self,
+            keys,
+            _done: done,
+        }
     }
 
     /// Fetch `wanted` (chunks in blob order) with one Range request spanning them all, and
@@ -973,7 +1048,8 @@ mod tests {
             .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
             .await
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .with_read_around(0);
         assert_eq!(src.requests().len(), 2, "footer + TOC");
         let big_ref = data_of(&l, "big");
         assert!(!l.is_complete(big_ref));
@@ -990,7 +1066,11 @@ mod tests {
         // Reopened from the store with no network: the TOC and chunks are there.
         src.fail.store(1, Ordering::SeqCst);
         drop(l);
-        let l = store.load_lazy_layer(&digest, Some(&toc)).unwrap().unwrap();
+        let l = store
+            .load_lazy_layer(&digest, Some(&toc))
+            .unwrap()
+            .unwrap()
+            .with_read_around(0);
         l.ensure(&src, big_ref, 0..300_000).await.unwrap();
         assert!(l.is_complete(big_ref));
         let small = data_of(&l, "small");
@@ -1023,7 +1103,8 @@ mod tests {
             .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
             .await
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .with_read_around(0);
         let big_ref = data_of(&l, "big");
         let c = l.chunks.chunks(big_ref).unwrap()[1].clone();
         let mut bad = blob.clone();
@@ -1037,7 +1118,11 @@ mod tests {
         );
         assert_eq!(l.state().local, 0);
         drop(l);
-        let l = store.load_lazy_layer(&digest, Some(&toc)).unwrap().unwrap();
+        let l = store
+            .load_lazy_layer(&digest, Some(&toc))
+            .unwrap()
+            .unwrap()
+            .with_read_around(0);
         assert_eq!(l.state().local, 0);
     }
 
@@ -1069,7 +1154,8 @@ mod tests {
             .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
             .await
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .with_read_around(0);
         let end = l.landmark().unwrap();
         l.fetch_landmark(&src).await.unwrap();
         assert_eq!(src.requests().len(), 3);
@@ -1082,6 +1168,41 @@ mod tests {
         l.fill(&src).await.unwrap();
         assert_eq!(src.requests().len(), 4, "small: one request");
         assert_eq!(l.state().local, l.state().total);
+    }
+
+    #[tokio::test]
+    async fn a_small_read_takes_the_free_chunks_after_it_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (blob, digest, toc) = sample();
+        let src = MemRanges::new(blob.clone());
+        let l = store
+            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
+            .await
+            .unwrap()
+            .unwrap();
+        let (big_ref, small_ref) = (data_of(&l, "big"), data_of(&l, "small"));
+        // The last chunk of `big`: `small`, next in the blob, comes along in the request.
+        l.ensure(&src, big_ref, 250_000..250_010).await.unwrap();
+        assert_eq!(src.requests().len(), 3);
+        assert!(l.is_complete(small_ref));
+        assert!(!l.is_complete(big_ref));
+        l.ensure(&src, small_ref, 0..5).await.unwrap();
+        assert_eq!(src.requests().len(), 3, "small is local already");
+        // The first chunk: the second comes along, the third is present, so the request
+        // stops before it.
+        l.ensure(&src, big_ref, 50_000..50_010).await.unwrap();
+        let requests = src.requests();
+        assert_eq!(requests.len(), 4, "{requests:?}");
+        assert!(l.is_complete(big_ref));
+        assert_disjoint(&requests[2..]);
+        let f = l.data_file(big_ref).unwrap();
+        let mut all = vec![0u8; 300_000];
+        f.read_exact_at(&mut all, 0).unwrap();
+        assert!(
+            all == big(),
+            "the chunks that came along were written in place"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -1121,7 +1242,8 @@ mod tests {
             .lazy_layer(&*src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
             .await
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .with_read_around(0);
         assert_eq!(src.requests().len(), 2);
         (Arc::new(l), src)
     }

@@ -41,7 +41,7 @@ pub use cache::{
     Corrupt, ImageRecord, ImageUsage, LayerRecord, LiveMount, MountRegistration, Removed, Usage,
     format_size, plan_eviction,
 };
-pub use estargz::{LazyLayer, LazyState, RangeSource, has_toc};
+pub use estargz::{LazyLayer, LazyState, READ_AROUND, RangeSource, has_toc};
 pub use pipeline::{BlobBody, BlobSource, FoundLayer, LayerEvent, LayerJob, SourceError};
 pub use trust::{Untrusted, check_cache_dir};
 

@@ -2,7 +2,7 @@
 //! `toc.digest` annotation) fetches only its footer and TOC; reading a file fetches only that
 //! file's chunks, verified; what was read survives an offline remount. By default the first
 //! access also fetches the landmark region with one request, then the rest in the background.
-//! Tests that count bytes pass `--prefetch none`.
+//! Tests that count bytes pass `--prefetch none --read-around 0`.
 
 use std::fs;
 use std::io::Read;
@@ -28,8 +28,9 @@ use crate::support::{
 /// chunk of a file stays inside it.
 const CHUNK: u64 = 256 << 10;
 
-/// Mount flags for a mount that fetches only what is read.
-const NO_PREFETCH: &[&str] = &["--prefetch", "none"];
+/// Mount flags for a mount that fetches only what is read: no prefetch, and no read-around
+/// (by default a small read also takes the free chunks after it in the blob along).
+const NO_PREFETCH: &[&str] = &["--prefetch", "none", "--read-around", "0"];
 
 /// (digest, size) of every layer of the mounted image, from `.manifest.json` (a meta file:
 /// reading it fetches nothing).
@@ -287,6 +288,67 @@ fn a_toc_digest_mismatch_is_eio_for_the_tree_and_stores_nothing() {
     let err = fs::read_dir(m.p("data")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert_eq!(layers_state(&imagefs, &reference), "not-cached");
+    m.unmount();
+}
+
+#[test]
+fn a_walk_over_small_files_takes_their_neighbours_along_in_few_requests() {
+    // 600 files of 1,500 incompressible bytes: about 900 KB of chunks in the blob.
+    const FILES: usize = 600;
+    let contents: Vec<Vec<u8>> = (0..FILES).map(|i| noise(1500, 100 + i as u64)).collect();
+    let mut entries = vec![(IndexEntry::new("walk", EntryKind::Dir, 0o755), Vec::new())];
+    for (i, c) in contents.iter().enumerate() {
+        let mut e = IndexEntry::new(format!("walk/f{i:03}"), EntryKind::File, 0o644);
+        e.size = c.len() as u64;
+        entries.push((e, c.clone()));
+    }
+    let options = WriterOptions {
+        chunk_size: CHUNK,
+        landmark: Landmark::NoPrefetch,
+        legacy_footer: false,
+    };
+    let w = build(&entries, &options).expect("an eStargz layer");
+    let mut tar = Vec::new();
+    flate2::read::MultiGzDecoder::new(&w.blob[..])
+        .read_to_end(&mut tar)
+        .unwrap();
+    let layer = Layer::from_parts(tar, w.blob.clone(), Compression::Gzip);
+    let digest = layer.digest.clone();
+    let image = ImageBuilder::new(Format::Oci)
+        .layer(layer)
+        .layer_annotation(TOC_DIGEST_ANNOTATION, &w.toc_digest.to_string())
+        .build();
+    let registry = Registry::start(Auth::Anonymous);
+    registry.push_image("walk", "v1", &image);
+    let imagefs = Imagefs::new();
+    // No background prefetch: every byte fetched is for the walk.
+    let m = Mount::new_with(
+        &imagefs,
+        &[],
+        &["--prefetch", "none"],
+        &registry.reference("walk:v1"),
+    );
+    for (i, c) in contents.iter().enumerate() {
+        assert_eq!(
+            &fs::read(m.p(format!("walk/f{i:03}"))).unwrap(),
+            c,
+            "f{i:03}"
+        );
+    }
+    let log = registry.wait_for_access_log("the walk", |l| blob_gets(l, &digest).len() >= 3);
+    let gets = blob_gets(&log, &digest);
+    // Footer, TOC, then one request per 512 KiB of files (not one per file).
+    assert!(
+        gets.len() <= 2 + 3,
+        "{} requests:\n{}",
+        gets.len(),
+        registry.log()
+    );
+    let fetched: u64 = gets[2..].iter().map(|g| g.bytes).sum();
+    assert!(
+        fetched <= w.blob.len() as u64,
+        "{fetched} bytes: none twice"
+    );
     m.unmount();
 }
 
