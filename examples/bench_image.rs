@@ -8,6 +8,11 @@
 //!   `.no.prefetch.landmark`, `toc.digest` annotations), as `ctr-remote image convert
 //!   --estargz` lays them out.
 //! - `tree20k`: one gzip layer of 20,000 entries (200 directories of 99 small files).
+//! - `single-gzip`: the first two layers of `realistic` as one gzip layer (about 60 MB, 3,000
+//!   files): a debian-sized single-layer image.
+//! - `tree20k-estargz`: the same tree as one eStargz layer.
+//! - `many1m`: one gzip layer of 1,001,001 entries (1,000 directories of 1,000 empty files),
+//!   to measure what the entry count alone costs.
 //! - `big1g`: one gzip layer holding one 1 GiB file, `/big.bin`.
 //! - `bigfile-estargz`: the `realistic-estargz` layers plus a fifth eStargz layer holding one
 //!   128 MiB file, `/big.bin` (half of each 8 KiB noisy, half compressible), to measure what a
@@ -327,6 +332,21 @@ fn tree20k() -> Vec<Vec<Node>> {
     vec![layer]
 }
 
+fn many1m() -> Vec<Node> {
+    let mut layer = vec![Node::Dir("many".into())];
+    for d in 0..1000 {
+        layer.push(Node::Dir(format!("many/d{d:03}")));
+        for f in 0..1000 {
+            layer.push(Node::File(
+                format!("many/d{d:03}/f{f:03}"),
+                0o644,
+                Content::Bytes(Vec::new()),
+            ));
+        }
+    }
+    layer
+}
+
 fn big_estargz() -> Vec<Node> {
     vec![Node::File(
         "big.bin".into(),
@@ -571,11 +591,22 @@ fn main() -> io::Result<()> {
     with_big.push(layout.estargz_layer(&big_estargz())?);
     manifests.push(layout.image("bigfile-estargz", &with_big)?);
 
+    let mut base_tools = self::realistic();
+    let mut single = base_tools.remove(0);
+    single.extend(base_tools.remove(0));
+    let single = layout.gzip_layer(&single)?;
+    manifests.push(layout.image("single-gzip", &[single])?);
+
     let tree: Vec<Blob> = tree20k()
         .iter()
         .map(|l| layout.gzip_layer(l))
         .collect::<io::Result<_>>()?;
     manifests.push(layout.image("tree20k", &tree)?);
+    let tree_esgz: Vec<Blob> = tree20k()
+        .iter()
+        .map(|l| layout.estargz_layer(l))
+        .collect::<io::Result<_>>()?;
+    manifests.push(layout.image("tree20k-estargz", &tree_esgz)?);
 
     if !skip_big {
         let big: Vec<Blob> = big1g()
@@ -583,6 +614,8 @@ fn main() -> io::Result<()> {
             .map(|l| layout.gzip_layer(l))
             .collect::<io::Result<_>>()?;
         manifests.push(layout.image("big1g", &big)?);
+        let many = layout.gzip_layer(&many1m())?;
+        manifests.push(layout.image("many1m", &[many])?);
     }
 
     let index = json!({ "schemaVersion": 2, "manifests": manifests });

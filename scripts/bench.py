@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from stargz_peer import StargzPeer  # noqa: E402
 IMAGEFS = ROOT / "target/release/imagefs"
 GEN = ROOT / "target/release/examples/bench_image"
 
@@ -100,6 +102,11 @@ class Bench:
 
     def cleanup(self):
         self.umount_all()
+        if getattr(self, "peer", None):
+            try:
+                self.peer.stop()
+            except Exception as e:  # keep cleaning up
+                log(f"stopping the stargz peer: {e}")
         if self.addr:
             subprocess.run(["bash", str(ROOT / "scripts/registry"), "stop", str(self.registry_dir)])
         if not self.args.keep:
@@ -241,6 +248,19 @@ class Bench:
         a, b = self.ab(key, lambda: self.imagefs_cold(a_cmd), b)
         self.rows[key] = (a, b, a.median / b.median)
         self.commands[key] = (f"{a_cmd}  (then umount; cache emptied, caches dropped)", peer_cmd[0])
+
+    def row_single(self):
+        """Row 1s: first read of a single-layer gzip image against skopeo + umoci and against
+        its floor, the layer downloaded and gunzipped with nothing written."""
+        tag = "single-gzip"
+        self.row_first_read("1s", tag)
+        layer = self.manifests[tag][1]["layers"][0]["digest"]
+        floor = f"curl -sf http://{self.addr}/v2/bench/{tag}/blobs/{layer} | gunzip >/dev/null"
+        a_cmd = self.commands["1s"][0].split("  (")[0]
+        a, f = self.ab("1s-floor", lambda: self.imagefs_cold(a_cmd),
+                       lambda: (drop_caches(), timed(floor))[1])
+        self.rows["1s-floor"] = (a, f, a.median / f.median)
+        self.commands["1s-floor"] = ("as row 1s", floor)
 
     def row_materialise(self):
         tag = "realistic-gzip"
@@ -469,6 +489,187 @@ class Bench:
         self.rows["7"] = (Stat(xs), max(reqs))
         self.commands["7"] = (cmd + "  (after `imagefs pull`; page caches dropped before each run)", "")
 
+    def row_many(self):
+        """Row 9: a layer of a million entries: the daemon's resident set and mount + `find`,
+        cold, against `find` on the same tree extracted to the native disk, cold."""
+        tag = "many1m"
+        layer = self.manifests[tag][1]["layers"][0]["digest"]
+        native = self.new_dir("native-many")
+        native.mkdir()
+        t = timed(f"curl -sf http://{self.addr}/v2/bench/{tag}/blobs/{layer} | tar -xzf - -C {native}")
+        log(f"9: native tree extracted in {t:.1f} s")
+        find = "find {d}/many >/dev/null"
+        a_cmd = self.imagefs(f"mount {self.ref(tag)} {self.mnt}") + " && " + find.format(d=self.mnt)
+        rss = []
+
+        def a():
+            self.umount_all()
+            self.new_cache()
+            drop_caches()
+            t = timed(a_cmd)
+            rss.append(self.daemon_rss_mib())
+            self.umount_all()
+            return t
+
+        def b():
+            drop_caches()
+            return timed(find.format(d=native))
+
+        x, n = self.ab("9", a, b)
+        # The cost per entry: against the same walk of the 20,001-entry tree20k.
+        base = []
+        for _ in range(3):
+            self.umount_all()
+            self.new_cache()
+            sh(self.imagefs(f"mount {self.ref('tree20k')} {self.mnt}") + f" && find {self.mnt} >/dev/null")
+            base.append(self.daemon_rss_mib())
+        self.umount_all()
+        per_entry = (Stat(rss[1:]).median - statistics.median(base)) * 1048576 / (1_001_001 - 20_001)
+        self.rows["9"] = (x, n, x.median / n.median, Stat(rss[1:]), statistics.median(base), per_entry)
+        self.commands["9"] = (a_cmd + "  (cold: empty cache, caches dropped; then VmRSS of the daemon)",
+                              find.format(d=native) + "  (caches dropped; the layer extracted with tar)")
+
+    # -- containerd + stargz-snapshotter, side by side ----------------------------------------
+
+    def stargz_rows(self):
+        """Rows S: the eStargz rows against containerd + stargz-snapshotter 0.12 (default
+        configuration: prefetch and background fetch on), on the same registry."""
+        peer_bin = sh(f"bash {ROOT}/scripts/stargz-peer-build").strip()
+        log(f"stargz peer: {peer_bin}")
+        self.peer = StargzPeer(self.work / "sgz", self.addr)
+        self.peer.start()
+        pm = self.work / "pm"
+        res = {}
+
+        def peer_done(mnt):
+            # Unmounting the view leaves the layers mounted in the stargz daemon, whose
+            # background fetch would go on into the next measurement: stop it.
+            self.peer.umount(mnt)
+            self.peer.stop()
+
+        def peer_cold(ref_tag, then):
+            self.peer.reset()
+            drop_caches()
+            t0 = time.perf_counter()
+            self.peer.mount(f"bench/{ref_tag}:latest", pm)
+            t1 = time.perf_counter()
+            sh(then.format(d=pm))
+            return t0, t1, time.perf_counter()
+
+        def mine_cold(ref_tag, then, extra=""):
+            self.umount_all()
+            self.new_cache()
+            drop_caches()
+            t0 = time.perf_counter()
+            sh(self.imagefs(f"mount {extra}{self.ref(ref_tag)} {self.mnt}"))
+            t1 = time.perf_counter()
+            sh(then.format(d=self.mnt))
+            return t0, t1, time.perf_counter()
+
+        # S2: mount → first small file.
+        cat = "cat {d}/etc/os-release >/dev/null"
+
+        def s2_a():
+            t0, _, t2 = mine_cold("realistic-estargz", cat)
+            self.umount_all()
+            return t2 - t0
+
+        def s2_b():
+            t0, _, t2 = peer_cold("realistic-estargz", cat)
+            peer_done(pm)
+            return t2 - t0
+
+        res["2"] = self.ab("S2", s2_a, s2_b)
+
+        # S4c: cold read of big.bin right after mount (both with their default prefetch).
+        dd = "dd if={d}/big.bin of=/dev/null bs=1M status=none"
+
+        def s4c_a():
+            _, t1, t2 = mine_cold("bigfile-estargz", dd)
+            self.umount_all()
+            return t2 - t1
+
+        def s4c_b():
+            _, t1, t2 = peer_cold("bigfile-estargz", dd)
+            peer_done(pm)
+            return t2 - t1
+
+        res["4c"] = self.ab("S4c", s4c_a, s4c_b)
+
+        # S4b: registry bytes for mount + big read + the background fetch to the end; the
+        # daemon's RSS then; and S4e: the warm re-read afterwards.
+        tag = "bigfile-estargz"
+        total = self.blob_size(tag)
+        digests = self.layer_digests(tag)
+        bytes_a, bytes_b, rss_a, rss_b, warm_a, warm_b = [], [], [], [], [], []
+
+        def settle(since):
+            """Registry bytes once they stop growing for 5 s (the peer has no `layers`)."""
+            last, still = -1, 0
+            deadline = time.perf_counter() + 300
+            while time.perf_counter() < deadline:
+                time.sleep(0.5)
+                n = self.blob_bytes_served(since, digests)
+                still = still + 1 if n == last else 0
+                last = n
+                if still >= 10:
+                    return n
+            raise SystemExit("bench: the peer's background fetch did not settle in 300 s")
+
+        for i in range(self.runs):
+            since = self.access_log_lines()
+            mine_cold(tag, "cat {d}/big.bin >/dev/null")
+            self.wait_filled(tag)
+            rss_a.append(self.daemon_rss_mib())
+            sh(dd.format(d=self.mnt))
+            warm_a.append(timed(dd.format(d=self.mnt)))
+            self.umount_all()
+            time.sleep(0.2)
+            bytes_a.append(self.blob_bytes_served(since, digests))
+            since = self.access_log_lines()
+            peer_cold(tag, "cat {d}/big.bin >/dev/null")
+            bytes_b.append(settle(since))
+            rss_b.append(self.peer.daemon_rss_mib())
+            sh(dd.format(d=pm))
+            warm_b.append(timed(dd.format(d=pm)))
+            peer_done(pm)
+            log(f"S4b run {i + 1}: imagefs {bytes_a[-1]:,} B {rss_a[-1]:.1f} MiB warm {warm_a[-1]:.3f} s; "
+                f"stargz {bytes_b[-1]:,} B {rss_b[-1]:.1f} MiB warm {warm_b[-1]:.3f} s")
+        res["4b"] = (Stat(bytes_a), Stat(bytes_b), total)
+        res["4b'"] = (Stat(rss_a), Stat(rss_b))
+        res["4e"] = (Stat(warm_a), Stat(warm_b))
+
+        # S6: the 20k-entry eStargz image: mount, walk, read every file (cold), and the
+        # daemon's RSS after.
+        walk = "cd {d}/tree && find . -printf '%s %m %u %T@\\n' >/dev/null && tar cf - . | cat >/dev/null"
+        rss6_a, rss6_b = [], []
+
+        def s6_a():
+            t0, _, t2 = mine_cold("tree20k-estargz", walk)
+            rss6_a.append(self.daemon_rss_mib())
+            self.umount_all()
+            return t2 - t0
+
+        def s6_b():
+            t0, _, t2 = peer_cold("tree20k-estargz", walk)
+            rss6_b.append(self.peer.daemon_rss_mib())
+            peer_done(pm)
+            return t2 - t0
+
+        res["6"] = self.ab("S6", s6_a, s6_b)
+        # The untimed first round of `ab` also recorded an RSS: keep the timed runs'.
+        res["6'"] = (Stat(rss6_a[1:]), Stat(rss6_b[1:]))
+        self.peer.stop()
+        self.rows["S"] = res
+        self.commands["S"] = (
+            "as rows 2, 4b, 4c, 4e (default prefetch); S6: mount tree20k-estargz, then "
+            + walk.format(d="MNT"),
+            "containerd 1.6 + containerd-stargz-grpc (stargz-snapshotter 0.12 library, "
+            "scripts/peers/stargz-grpc) with its default config: `ctr-remote images rpull "
+            "--plain-http --snapshotter stargz REF`, `ctr snapshots view` of the top chain id and "
+            "`mount -t overlay` of it; cold = its state and caches deleted and daemons restarted "
+            "(`StargzPeer.reset`), caches dropped")
+
     # -- criterion --------------------------------------------------------------------------
 
     def criterion(self):
@@ -535,12 +736,20 @@ class Bench:
                      f"layer), ≈150 MB uncompressed, {g:,} bytes as gzip, {e:,} bytes as eStargz; "
                      "**tree20k** — 20,000 files in 200 directories; **big1g** — one 1 GiB file; "
                      f"**bigfile-estargz** — realistic-estargz plus a layer with one 128 MiB file, "
-                     f"{self.blob_size('bigfile-estargz'):,} bytes.\n")
+                     f"{self.blob_size('bigfile-estargz'):,} bytes; **single-gzip** — realistic's "
+                     f"first two layers as one gzip layer, {self.blob_size('single-gzip'):,} bytes; "
+                     f"**tree20k-estargz** — tree20k as eStargz; **many1m** — 1,000 directories of "
+                     f"1,000 empty files, {self.blob_size('many1m'):,} bytes.\n")
         lines.append("| # | metric | imagefs | peer | ratio | target | met |")
         lines.append("|---|---|---|---|---|---|---|")
         if "1" in r:
             a, b, q = r["1"]
             lines.append(f"| 1 | mount → `cat /etc/os-release`, gzip, cold | {a.fmt()} | skopeo copy + umoci unpack + cat: {b.fmt()} | {q:.3f}× | ≤ 0.3× | {ok(q <= 0.3)} |")
+        if "1s" in r:
+            a, b, q = r["1s"]
+            lines.append(f"| 1s | same, single-layer gzip image (single-gzip), cold | {a.fmt()} | skopeo copy + umoci unpack + cat: {b.fmt()} | {q:.3f}× | ≤ 0.15× | {ok(q <= 0.15)} |")
+            a, f, q = r["1s-floor"]
+            lines.append(f"| 1s′ | the same first read against its floor | {a.fmt()} | `curl` of the layer blob `\\| gunzip`: {f.fmt()} | {q:.2f}× | ≤ 1.3× | {ok(q <= 1.3)} |")
         if "2" in r:
             a, b, q = r["2"]
             lines.append(f"| 2 | same, eStargz, cold | {a.fmt()} | {b.fmt()} | {q:.3f}× | ≤ 0.05× | {ok(q <= 0.05)} |")
@@ -584,6 +793,29 @@ class Bench:
         if "8" in r:
             rss = r["8"]
             lines.append(f"| 8 | daemon RSS after mounting and walking the 20k-entry image | {rss[0]:.1f} MiB (realistic image, every file read: {rss[1]:.1f} MiB) | — | — | ≤ 64 MB | {ok(rss[0] <= 64 / 1.048576)} |")
+        if "9" in r:
+            x, n, q, rss, base, per = r["9"]
+            lines.append(f"| 9 | mount + `find` of a 1,001,001-entry layer (many1m), cold | {x.fmt()} | native disk, `find`, cold: {n.fmt()} | {q:.2f}× | — | — |")
+            lines.append(f"| 9′ | daemon RSS after it | {rss.fmt('MiB', digits=1)}; tree20k after `find`: {base:.1f} MiB → {per:.0f} B per added entry | — | — | ≤ 128 B/entry | {ok(per <= 128)} |")
+        if "S" in r:
+            s = r["S"]
+            lines.append("\n### Against containerd + stargz-snapshotter (same registry, same run)\n")
+            lines.append("| # | metric | imagefs | stargz-snapshotter | ratio | target | met |")
+            lines.append("|---|---|---|---|---|---|---|")
+            a, b = s["2"]
+            lines.append(f"| S2 | mount → `cat /etc/os-release`, realistic-estargz, cold | {a.fmt()} | {b.fmt()} | {a.median / b.median:.2f}× | < 1× | {ok(a.median < b.median)} |")
+            a, b = s["4c"]
+            lines.append(f"| S4c | cold read of big.bin (128 MiB) right after mount | {a.fmt()} | {b.fmt()} | {a.median / b.median:.2f}× | < 1× | {ok(a.median < b.median)} |")
+            a, b, total = s["4b"]
+            lines.append(f"| S4b | registry bytes: mount + `cat big.bin` + background fetch to the end | {a.median:,.0f} B = {a.median / total:.4f}× the blobs | {b.median:,.0f} B = {b.median / total:.4f}× | {a.median / b.median:.2f}× | ≤ 1× | {ok(a.median <= b.median)} |")
+            a, b = s["4b'"]
+            lines.append(f"| S4b′ | daemon RSS at the end of that | {a.fmt('MiB', digits=1)} | {b.fmt('MiB', digits=1)} | {a.median / b.median:.2f}× | < 1× | {ok(a.median < b.median)} |")
+            a, b = s["4e"]
+            lines.append(f"| S4e | warm re-read of big.bin | {a.fmt()} | {b.fmt()} | {a.median / b.median:.2f}× | < 1× | {ok(a.median < b.median)} |")
+            a, b = s["6"]
+            lines.append(f"| S6 | tree20k-estargz: mount + `find` + `tar` of every file, cold | {a.fmt()} | {b.fmt()} | {a.median / b.median:.2f}× | < 1× | {ok(a.median < b.median)} |")
+            a, b = s["6'"]
+            lines.append(f"| S6′ | daemon RSS after it | {a.fmt('MiB', digits=1)} | {b.fmt('MiB', digits=1)} | {a.median / b.median:.2f}× | ≤ 64 MB, < 1× | {ok(a.max <= 64 / 1.048576 and a.median < b.median)} |")
         lines.append("\n## Commands\n")
         for key, (a, b) in self.commands.items():
             lines.append(f"- row {key}: imagefs: `{a}`" + (f"; peer: `{b}`" if b else ""))
@@ -622,6 +854,8 @@ def main():
         b.setup()
         if run("1"):
             b.row_first_read("1", "realistic-gzip")
+        if run("1s"):
+            b.row_single()
         if run("2"):
             b.row_first_read("2", "realistic-estargz")
         if run("3"):
@@ -640,6 +874,10 @@ def main():
             b.row_tree()
         if run("7"):
             b.row_remount()
+        if run("9") and not args.quick:
+            b.row_many()
+        if run("S"):
+            b.stargz_rows()
         crit = b.criterion() if want is None else None
         b.write(crit, started)
     finally:
