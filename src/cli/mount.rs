@@ -75,9 +75,9 @@ pub struct MountArgs {
     /// verified against their blob digest and diff_id before anything is served
     #[arg(long)]
     pub require_toc_digest: bool,
-    /// A read of a lazy eStargz file that needs less than this much of the blob also fetches
-    /// the chunks that follow it there (the next files, as a tree walk reads them), in the
-    /// same request; 0 fetches only what is read
+    /// A read that takes a whole lazy eStargz file of less than this much of the blob also
+    /// fetches the free chunks that follow it there (the next files, as a tree walk reads
+    /// them), in the same request; 0 fetches only what is read
     #[arg(long, value_name = "SIZE", default_value_t = crate::store::READ_AROUND, value_parser = crate::cli::units::parse_size)]
     pub read_around: u64,
 }

@@ -201,9 +201,10 @@ impl Drop for Reading<'_> {
 /// reader arriving meanwhile shares the link with at most one such batch.
 pub const FILL_BATCH: u64 = 2 << 20;
 
-/// A reader's request for less than this many compressed bytes is extended over the chunks
-/// that follow it in the blob (other files' usually: eStargz lays a directory's files out
-/// together, as a walker reads them), as long as they are free and adjacent. A tree walk
+/// A reader's request that takes a whole file and less than this many compressed bytes is
+/// extended over the chunks that follow it in the blob (the next files: eStargz lays a
+/// directory's files out together, as a walker reads them), as long as they are free and
+/// adjacent. Reads of parts of a bigger file (an exec paging a binary in) are not extended. A tree walk
 /// then costs a request per 512 KiB instead of one per file, while the background fill is
 /// paused for the reader; each chunk is still fetched once.
 pub const READ_AROUND: u64 = 512 << 10;
@@ -502,8 +503,12 @@ impl LazyLayer {
                 let first = &chunks[wanted[0].1 as usize];
                 let last = &chunks[wanted[wanted.len() - 1].1 as usize];
                 let span = first.offset..last.compressed_range().end;
-                let around = self.claim_after(span);
-                wanted.extend(around.keys.iter().map(|&(id, n)| (DataRef { id }, n)));
+                // Only a read that takes a whole file (a walk reading file after file), not
+                // pages of a big one (an exec, say), brings the next files along.
+                let around = (wanted.len() == chunks.len()).then(|| self.claim_after(span));
+                if let Some(a) = &around {
+                    wanted.extend(a.keys.iter().map(|&(id, n)| (DataRef { id }, n)));
+                }
                 self.fetch_chunks(source, &wanted).await?;
             }
             drop(claim);
@@ -1171,37 +1176,78 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_small_read_takes_the_free_chunks_after_it_along() {
+    async fn a_whole_file_read_takes_the_free_files_after_it_along() {
+        // a, b, c, d: 1,000 incompressible bytes each (one chunk, ~1 KiB compressed); big.
+        let noise = |seed: u64| -> Vec<u8> {
+            let mut x = seed | 1;
+            (0..1000)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (x >> 33) as u8
+                })
+                .collect()
+        };
+        let file = |path: &str, content: Vec<u8>| {
+            let mut e = Entry::new(path, EntryKind::File, 0o644);
+            e.size = content.len() as u64;
+            (e, content)
+        };
+        let options = WriterOptions {
+            chunk_size: 100_000,
+            landmark: Landmark::NoPrefetch,
+            legacy_footer: false,
+        };
+        let entries = [
+            file("a", noise(1)),
+            file("b", noise(2)),
+            file("c", noise(3)),
+            file("d", noise(4)),
+            file("big", big()),
+        ];
+        let w = build(&entries, &options).unwrap();
+        let digest = Digest::sha256(&w.blob);
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let (blob, digest, toc) = sample();
-        let src = MemRanges::new(blob.clone());
+        let src = MemRanges::new(w.blob.clone());
         let l = store
-            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
+            .lazy_layer(
+                &src,
+                &digest,
+                w.blob.len() as u64,
+                Some(&w.toc_digest),
+                MAX_ENTRIES,
+            )
             .await
             .unwrap()
-            .unwrap();
-        let (big_ref, small_ref) = (data_of(&l, "big"), data_of(&l, "small"));
-        // The last chunk of `big`: `small`, next in the blob, comes along in the request.
-        l.ensure(&src, big_ref, 250_000..250_010).await.unwrap();
+            .unwrap()
+            .with_read_around(2_500);
+        let id = |p: &str| data_of(&l, p);
+        // All of b: c comes along; d would pass 2,500 bytes.
+        l.ensure(&src, id("b"), 0..1000).await.unwrap();
         assert_eq!(src.requests().len(), 3);
-        assert!(l.is_complete(small_ref));
-        assert!(!l.is_complete(big_ref));
-        l.ensure(&src, small_ref, 0..5).await.unwrap();
-        assert_eq!(src.requests().len(), 3, "small is local already");
-        // The first chunk: the second comes along, the third is present, so the request
-        // stops before it.
-        l.ensure(&src, big_ref, 50_000..50_010).await.unwrap();
+        assert!(l.is_complete(id("c")));
+        assert!(!l.is_complete(id("a")) && !l.is_complete(id("d")));
+        l.ensure(&src, id("c"), 0..1000).await.unwrap();
+        assert_eq!(src.requests().len(), 3, "c is local already");
+        // All of a: b, next, is present, so nothing comes along.
+        l.ensure(&src, id("a"), 0..1000).await.unwrap();
+        assert_eq!(src.requests().len(), 4);
+        assert!(!l.is_complete(id("d")));
+        // A part of big is not a whole file: only its chunk.
+        l.ensure(&src, id("big"), 150_000..150_010).await.unwrap();
         let requests = src.requests();
-        assert_eq!(requests.len(), 4, "{requests:?}");
-        assert!(l.is_complete(big_ref));
+        assert_eq!(requests.len(), 5, "{requests:?}");
         assert_disjoint(&requests[2..]);
-        let f = l.data_file(big_ref).unwrap();
-        let mut all = vec![0u8; 300_000];
-        f.read_exact_at(&mut all, 0).unwrap();
+        let mut got = vec![0u8; 1000];
+        l.data_file(id("c"))
+            .unwrap()
+            .read_exact_at(&mut got, 0)
+            .unwrap();
         assert!(
-            all == big(),
-            "the chunks that came along were written in place"
+            got == noise(3),
+            "the file that came along was written in place"
         );
     }
 
