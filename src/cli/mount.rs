@@ -75,9 +75,9 @@ pub struct MountArgs {
     /// verified against their blob digest and diff_id before anything is served
     #[arg(long)]
     pub require_toc_digest: bool,
-    /// A read that takes a whole lazy eStargz file of less than this much of the blob also
-    /// fetches the free chunks that follow it there (the next files, as a tree walk reads
-    /// them), in the same request; 0 fetches only what is read
+    /// When reads walk a lazy eStargz layer (whole files, each just after the previous request
+    /// in the blob), each request also fetches the free chunks that follow it in the blob, up
+    /// to this much (the next files, as a tree walk reads them); 0 fetches only what is read
     #[arg(long, value_name = "SIZE", default_value_t = crate::store::READ_AROUND, value_parser = crate::cli::units::parse_size)]
     pub read_around: u64,
 }

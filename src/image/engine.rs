@@ -54,7 +54,7 @@ pub struct ServeOptions {
     pub require_toc_digest: bool,
     /// The cache bound, enforced (off the first reader's path) once the tree is built.
     pub cache_max: Option<u64>,
-    /// How far a small read of a lazy layer extends over the free chunks after it in the
+    /// How far a walk's reads of a lazy layer extend over the free chunks after them in the
     /// blob ([`crate::store::READ_AROUND`] by default; 0: only what is read).
     pub read_around: u64,
 }

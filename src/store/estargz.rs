@@ -85,6 +85,9 @@ pub struct LazyLayer {
     order: Vec<(u64, u32, u32)>,
     /// [`READ_AROUND`] unless set otherwise ([`LazyLayer::with_read_around`]).
     read_around: u64,
+    /// Where in the blob the last reader request ended: a walk's next request starts just
+    /// after it.
+    last_read_end: AtomicU64,
     prefetch_end: Option<u64>,
     /// Chunks known present, as (file id, chunk number). A std Mutex: held for set lookups and
     /// inserts only, never across I/O.
@@ -201,12 +204,15 @@ impl Drop for Reading<'_> {
 /// reader arriving meanwhile shares the link with at most one such batch.
 pub const FILL_BATCH: u64 = 2 << 20;
 
-/// A reader's request that takes a whole file and less than this many compressed bytes is
-/// extended over the chunks that follow it in the blob (the next files: eStargz lays a
-/// directory's files out together, as a walker reads them), as long as they are free and
-/// adjacent. Reads of parts of a bigger file (an exec paging a binary in) are not extended. A tree walk
-/// then costs a request per 512 KiB instead of one per file, while the background fill is
-/// paused for the reader; each chunk is still fetched once.
+/// When readers walk a layer (a request that takes a whole file, starting in the blob at most
+/// this far after where the previous reader request of the layer ended), a request of less
+/// than this many compressed bytes is extended over the chunks that follow it in the blob
+/// (the next files: eStargz lays a directory's files out together, as a walker reads them),
+/// as long as they are free and adjacent. A tree walk then costs a request per 512 KiB
+/// instead of one per file, while the background fill is paused for the reader; each chunk
+/// is still fetched once. A lone small read (`cat` of one file) and reads of parts of a
+/// bigger file (an exec paging a binary in) are not extended: storing the extra files would
+/// only delay them.
 pub const READ_AROUND: u64 = 512 << 10;
 
 impl Store {
@@ -395,6 +401,7 @@ impl LazyLayer {
         Ok(LazyLayer {
             order,
             read_around: READ_AROUND,
+            last_read_end: AtomicU64::new(u64::MAX),
             digest,
             dir,
             index: Mutex::new(index),
@@ -503,12 +510,25 @@ impl LazyLayer {
                 let first = &chunks[wanted[0].1 as usize];
                 let last = &chunks[wanted[wanted.len() - 1].1 as usize];
                 let span = first.offset..last.compressed_range().end;
-                // Only a read that takes a whole file (a walk reading file after file), not
-                // pages of a big one (an exec, say), brings the next files along.
-                let around = (wanted.len() == chunks.len()).then(|| self.claim_after(span));
+                // A walk (a whole file read right after the previous request, in the blob)
+                // brings the next files along; see READ_AROUND.
+                let previous = self.last_read_end.load(Ordering::Relaxed);
+                let walking = wanted.len() == chunks.len()
+                    && span.start >= previous
+                    && span.start - previous <= self.read_around;
+                let around = walking.then(|| self.claim_after(span.clone()));
                 if let Some(a) = &around {
                     wanted.extend(a.keys.iter().map(|&(id, n)| (DataRef { id }, n)));
                 }
+                let end = match wanted.last() {
+                    Some(&(d, n)) => {
+                        self.chunks.chunks(d).unwrap_or_default()[n as usize]
+                            .compressed_range()
+                            .end
+                    }
+                    None => span.end,
+                };
+                self.last_read_end.store(end, Ordering::Relaxed);
                 self.fetch_chunks(source, &wanted).await?;
             }
             drop(claim);
@@ -1176,7 +1196,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_whole_file_read_takes_the_free_files_after_it_along() {
+    async fn a_walk_takes_the_free_files_after_each_read_along() {
         // a, b, c, d: 1,000 incompressible bytes each (one chunk, ~1 KiB compressed); big.
         let noise = |seed: u64| -> Vec<u8> {
             let mut x = seed | 1;
@@ -1224,21 +1244,25 @@ mod tests {
             .unwrap()
             .with_read_around(2_500);
         let id = |p: &str| data_of(&l, p);
-        // All of b: c comes along; d would pass 2,500 bytes.
-        l.ensure(&src, id("b"), 0..1000).await.unwrap();
-        assert_eq!(src.requests().len(), 3);
-        assert!(l.is_complete(id("c")));
-        assert!(!l.is_complete(id("a")) && !l.is_complete(id("d")));
-        l.ensure(&src, id("c"), 0..1000).await.unwrap();
-        assert_eq!(src.requests().len(), 3, "c is local already");
-        // All of a: b, next, is present, so nothing comes along.
+        // A lone read of a whole file: nothing comes along.
         l.ensure(&src, id("a"), 0..1000).await.unwrap();
+        assert_eq!(src.requests().len(), 3);
+        assert!(!l.is_complete(id("b")));
+        // The next file in the blob: a walk. c comes along; d would pass 2,500 bytes.
+        l.ensure(&src, id("b"), 0..1000).await.unwrap();
         assert_eq!(src.requests().len(), 4);
+        assert!(l.is_complete(id("c")));
         assert!(!l.is_complete(id("d")));
+        l.ensure(&src, id("c"), 0..1000).await.unwrap();
+        assert_eq!(src.requests().len(), 4, "c is local already");
         // A part of big is not a whole file: only its chunk.
         l.ensure(&src, id("big"), 150_000..150_010).await.unwrap();
+        assert_eq!(src.requests().len(), 5);
+        // d lies before where the last request ended: not a walk, d alone.
+        l.ensure(&src, id("d"), 0..1000).await.unwrap();
         let requests = src.requests();
-        assert_eq!(requests.len(), 5, "{requests:?}");
+        assert_eq!(requests.len(), 6, "{requests:?}");
+        assert!(!l.is_complete(id("big")));
         assert_disjoint(&requests[2..]);
         let mut got = vec![0u8; 1000];
         l.data_file(id("c"))
