@@ -23,7 +23,7 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::{LayerFault, Store, StoreError, io_err};
 use crate::layer::decompress::{self, Limits};
-use crate::layer::tar::index_layer_bounded;
+use crate::layer::tar::{index_layer_bounded, read_full};
 use crate::oci::{Compression, Digest, Hasher};
 use crate::retry::{RetryPolicy, Verdict};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -526,18 +526,13 @@ fn pump(mut input: impl Read, tx: &SyncSender<io::Result<Vec<u8>>>, back: &Recei
     loop {
         let mut block = back.try_recv().unwrap_or_else(|_| vec![0u8; STAGE_BLOCK]);
         block.resize(STAGE_BLOCK, 0);
-        let mut filled = 0;
-        while filled < block.len() {
-            match input.read(&mut block[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
+        let filled = match read_full(&mut input, &mut block) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
             }
-        }
+        };
         if filled == 0 {
             return;
         }
