@@ -521,11 +521,7 @@ impl LazyLayer {
                     wanted.extend(a.keys.iter().map(|&(id, n)| (DataRef { id }, n)));
                 }
                 let end = match wanted.last() {
-                    Some(&(d, n)) => {
-                        self.chunks.chunks(d).unwrap_or_default()[n as usize]
-                            .compressed_range()
-                            .end
-                    }
+                    Some(&(d, n)) => self.chunk(d, n).compressed_range().end,
                     None => span.end,
                 };
                 self.last_read_end.store(end, Ordering::Relaxed);
@@ -600,14 +596,7 @@ impl LazyLayer {
             let at = self.order.partition_point(|&(off, _, _)| off < end);
             for &(off, id, n) in &self.order[at..] {
                 let key = (id, n);
-                let Some(c) = self
-                    .chunks
-                    .chunks(DataRef { id })
-                    .and_then(|cs| cs.get(n as usize))
-                else {
-                    break;
-                };
-                let next_end = c.compressed_range().end;
+                let next_end = self.chunk(DataRef { id }, n).compressed_range().end;
                 if off != end
                     || next_end - span.start > self.read_around
                     || present.contains(&key)
@@ -634,8 +623,7 @@ impl LazyLayer {
         source: &dyn RangeSource,
         wanted: &[(DataRef, u32)],
     ) -> Result<(), StoreError> {
-        let chunk =
-            |&(data, n): &(DataRef, u32)| &self.chunks.chunks(data).unwrap_or_default()[n as usize];
+        let chunk = |&(data, n): &(DataRef, u32)| self.chunk(data, n);
         let (Some(first), Some(last)) = (wanted.first(), wanted.last()) else {
             return Ok(());
         };
@@ -784,7 +772,7 @@ impl LazyLayer {
         let mut start = 0;
         for (data, n, c) in missing {
             if let Some(&(d, m)) = batch.last() {
-                let last = &self.chunks.chunks(d).unwrap_or_default()[m as usize];
+                let last = self.chunk(d, m);
                 if c.compressed_range().end - start > FILL_BATCH
                     || last.compressed_range().end > c.offset
                 {
@@ -836,19 +824,16 @@ impl LazyLayer {
     /// Every chunk not local, in blob order.
     fn missing_in_blob_order(&self) -> Vec<(DataRef, u32, estargz::Chunk)> {
         let present = self.present.lock().expect("present lock");
-        let mut out: Vec<(DataRef, u32, estargz::Chunk)> = self
-            .chunks
+        self.order
             .iter()
-            .flat_map(|(data, chunks)| {
-                chunks
-                    .iter()
-                    .enumerate()
-                    .map(move |(n, c)| (data, n as u32, c.clone()))
-            })
-            .filter(|(d, n, _)| !present.contains(&(d.id, *n)))
-            .collect();
-        out.sort_by_key(|(_, _, c)| c.offset);
-        out
+            .filter(|&&(_, id, n)| !present.contains(&(id, n)))
+            .map(|&(_, id, n)| (DataRef { id }, n, self.chunk(DataRef { id }, n).clone()))
+            .collect()
+    }
+
+    /// Chunk `n` of a file (both known to the chunk map).
+    fn chunk(&self, data: DataRef, n: u32) -> &estargz::Chunk {
+        &self.chunks.chunks(data).unwrap_or_default()[n as usize]
     }
 
     /// Numbers of the chunks overlapping `range` that are not local, ascending.
@@ -1052,6 +1037,23 @@ mod tests {
         (w.blob, digest, w.toc_digest)
     }
 
+    /// The lazy layer of `blob` opened over `src` (footer and TOC fetched: two requests),
+    /// fetching only what is read (no read-around).
+    async fn open_sample(
+        store: &Store,
+        src: &dyn RangeSource,
+        blob: &[u8],
+        digest: &Digest,
+        toc: &Digest,
+    ) -> LazyLayer {
+        store
+            .lazy_layer(src, digest, blob.len() as u64, Some(toc), MAX_ENTRIES)
+            .await
+            .unwrap()
+            .unwrap()
+            .with_read_around(0)
+    }
+
     fn data_of(l: &LazyLayer, path: &str) -> DataRef {
         l.index
             .lock()
@@ -1069,12 +1071,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let (blob, digest, toc) = sample();
         let src = MemRanges::new(blob.clone());
-        let l = store
-            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
-            .await
-            .unwrap()
-            .unwrap()
-            .with_read_around(0);
+        let l = open_sample(&store, &src, &blob, &digest, &toc).await;
         assert_eq!(src.requests().len(), 2, "footer + TOC");
         let big_ref = data_of(&l, "big");
         assert!(!l.is_complete(big_ref));
@@ -1124,12 +1121,7 @@ mod tests {
         );
         assert!(!has_toc(&store.estargz_dir(&digest)));
 
-        let l = store
-            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
-            .await
-            .unwrap()
-            .unwrap()
-            .with_read_around(0);
+        let l = open_sample(&store, &src, &blob, &digest, &toc).await;
         let big_ref = data_of(&l, "big");
         let c = l.chunks.chunks(big_ref).unwrap()[1].clone();
         let mut bad = blob.clone();
@@ -1175,12 +1167,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let (blob, digest, toc) = with_landmark();
         let src = MemRanges::new(blob.clone());
-        let l = store
-            .lazy_layer(&src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
-            .await
-            .unwrap()
-            .unwrap()
-            .with_read_around(0);
+        let l = open_sample(&store, &src, &blob, &digest, &toc).await;
         let end = l.landmark().unwrap();
         l.fetch_landmark(&src).await.unwrap();
         assert_eq!(src.requests().len(), 3);
@@ -1198,17 +1185,7 @@ mod tests {
     #[tokio::test]
     async fn a_walk_takes_the_free_files_after_each_read_along() {
         // a, b, c, d: 1,000 incompressible bytes each (one chunk, ~1 KiB compressed); big.
-        let noise = |seed: u64| -> Vec<u8> {
-            let mut x = seed | 1;
-            (0..1000)
-                .map(|_| {
-                    x = x
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    (x >> 33) as u8
-                })
-                .collect()
-        };
+        let noise = |seed| crate::layer::estargz::testutil::noise(1000, seed);
         let file = |path: &str, content: Vec<u8>| {
             let mut e = Entry::new(path, EntryKind::File, 0o644);
             e.size = content.len() as u64;
@@ -1281,13 +1258,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let (blob, digest, toc) = sample();
         let src = Arc::new(MemRanges::new(blob.clone()));
-        let l = Arc::new(
-            store
-                .lazy_layer(&*src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
-                .await
-                .unwrap()
-                .unwrap(),
-        );
+        let l = Arc::new(open_sample(&store, &*src, &blob, &digest, &toc).await);
         let reader = l.readers.enter();
         let filler = {
             let (l, src) = (l.clone(), src.clone());
@@ -1308,12 +1279,7 @@ mod tests {
         let (blob, digest, toc) = sample();
         let src = MemRanges::gated(blob.clone());
         src.open(2);
-        let l = store
-            .lazy_layer(&*src, &digest, blob.len() as u64, Some(&toc), MAX_ENTRIES)
-            .await
-            .unwrap()
-            .unwrap()
-            .with_read_around(0);
+        let l = open_sample(store, &*src, &blob, &digest, &toc).await;
         assert_eq!(src.requests().len(), 2);
         (Arc::new(l), src)
     }

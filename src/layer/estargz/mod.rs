@@ -45,7 +45,7 @@
 mod chunks;
 mod footer;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 mod toc;
 mod writer;
 
