@@ -140,10 +140,7 @@ pub(crate) fn written() -> Written {
         },
     )
     .expect("an eStargz layer");
-    let mut tar = Vec::new();
-    flate2::read::MultiGzDecoder::new(&w.blob[..])
-        .read_to_end(&mut tar)
-        .unwrap();
+    let tar = gunzip(&w.blob);
     let footer = parse_footer(&w.blob[w.blob.len() - FOOTER_SIZE..]).unwrap();
     let range = footer.toc_range(w.blob.len() as u64).unwrap();
     let toc = parse_toc_member(
@@ -170,14 +167,35 @@ pub(crate) fn written() -> Written {
 }
 
 pub(crate) fn push(registry: &Registry, repo: &str, blob: Vec<u8>, w: &Written) -> String {
-    let layer = Layer::from_parts(w.tar.clone(), blob, Compression::Gzip);
+    push_layer(registry, repo, w.tar.clone(), blob, &w.toc_digest)
+}
+
+/// Push `repo:v1`, an image of one gzip layer (`blob`, holding `tar`) annotated with
+/// `toc_digest`; the layer's digest.
+fn push_layer(
+    registry: &Registry,
+    repo: &str,
+    tar: Vec<u8>,
+    blob: Vec<u8>,
+    toc_digest: &str,
+) -> String {
+    let layer = Layer::from_parts(tar, blob, Compression::Gzip);
     let digest = layer.digest.clone();
     let image = ImageBuilder::new(Format::Oci)
         .layer(layer)
-        .layer_annotation(TOC_DIGEST_ANNOTATION, &w.toc_digest)
+        .layer_annotation(TOC_DIGEST_ANNOTATION, toc_digest)
         .build();
     registry.push_image(repo, "v1", &image);
     digest
+}
+
+/// The tar inside an eStargz (or any multi-member gzip) blob.
+fn gunzip(blob: &[u8]) -> Vec<u8> {
+    let mut tar = Vec::new();
+    flate2::read::MultiGzDecoder::new(blob)
+        .read_to_end(&mut tar)
+        .unwrap();
+    tar
 }
 
 fn layers_state(imagefs: &Imagefs, reference: &str) -> String {
@@ -308,18 +326,15 @@ fn a_walk_over_small_files_takes_their_neighbours_along_in_few_requests() {
         legacy_footer: false,
     };
     let w = build(&entries, &options).expect("an eStargz layer");
-    let mut tar = Vec::new();
-    flate2::read::MultiGzDecoder::new(&w.blob[..])
-        .read_to_end(&mut tar)
-        .unwrap();
-    let layer = Layer::from_parts(tar, w.blob.clone(), Compression::Gzip);
-    let digest = layer.digest.clone();
-    let image = ImageBuilder::new(Format::Oci)
-        .layer(layer)
-        .layer_annotation(TOC_DIGEST_ANNOTATION, &w.toc_digest.to_string())
-        .build();
     let registry = Registry::start(Auth::Anonymous);
-    registry.push_image("walk", "v1", &image);
+    let tar = gunzip(&w.blob);
+    let digest = push_layer(
+        &registry,
+        "walk",
+        tar,
+        w.blob.clone(),
+        &w.toc_digest.to_string(),
+    );
     let imagefs = Imagefs::new();
     // No background prefetch: every byte fetched is for the walk.
     let m = Mount::new_with(
