@@ -567,35 +567,28 @@ class Bench:
             sh(then.format(d=self.mnt))
             return t0, t1, time.perf_counter()
 
+        def pair(ref_tag, then, from_mount, rss_a=None, rss_b=None):
+            """The two sides of a cold row: each mounts `ref_tag` cold and runs `then`, and
+            returns the seconds from the mount (from_mount) or from the end of the mount to
+            the end of `then`; with rss lists, appends each daemon's RSS after it."""
+            def side(cold, rss_of, rss, done):
+                def run():
+                    t0, t1, t2 = cold(ref_tag, then)
+                    if rss is not None:
+                        rss.append(rss_of())
+                    done()
+                    return t2 - (t0 if from_mount else t1)
+                return run
+            return (side(mine_cold, self.daemon_rss_mib, rss_a, self.umount_all),
+                    side(peer_cold, lambda: self.peer.daemon_rss_mib(), rss_b, lambda: peer_done(pm)))
+
         # S2: mount → first small file.
         cat = "cat {d}/etc/os-release >/dev/null"
-
-        def s2_a():
-            t0, _, t2 = mine_cold("realistic-estargz", cat)
-            self.umount_all()
-            return t2 - t0
-
-        def s2_b():
-            t0, _, t2 = peer_cold("realistic-estargz", cat)
-            peer_done(pm)
-            return t2 - t0
-
-        res["2"] = self.ab("S2", s2_a, s2_b)
+        res["2"] = self.ab("S2", *pair("realistic-estargz", cat, from_mount=True))
 
         # S4c: cold read of big.bin right after mount (both with their default prefetch).
         dd = "dd if={d}/big.bin of=/dev/null bs=1M status=none"
-
-        def s4c_a():
-            _, t1, t2 = mine_cold("bigfile-estargz", dd)
-            self.umount_all()
-            return t2 - t1
-
-        def s4c_b():
-            _, t1, t2 = peer_cold("bigfile-estargz", dd)
-            peer_done(pm)
-            return t2 - t1
-
-        res["4c"] = self.ab("S4c", s4c_a, s4c_b)
+        res["4c"] = self.ab("S4c", *pair("bigfile-estargz", dd, from_mount=False))
 
         # S4b: registry bytes for mount + big read + the background fetch to the end; the
         # daemon's RSS then; and S4e: the warm re-read afterwards.
@@ -644,20 +637,7 @@ class Bench:
         # daemon's RSS after.
         walk = "cd {d}/tree && find . -printf '%s %m %u %T@\\n' >/dev/null && tar cf - . | cat >/dev/null"
         rss6_a, rss6_b = [], []
-
-        def s6_a():
-            t0, _, t2 = mine_cold("tree20k-estargz", walk)
-            rss6_a.append(self.daemon_rss_mib())
-            self.umount_all()
-            return t2 - t0
-
-        def s6_b():
-            t0, _, t2 = peer_cold("tree20k-estargz", walk)
-            rss6_b.append(self.peer.daemon_rss_mib())
-            peer_done(pm)
-            return t2 - t0
-
-        res["6"] = self.ab("S6", s6_a, s6_b)
+        res["6"] = self.ab("S6", *pair("tree20k-estargz", walk, True, rss6_a, rss6_b))
         # The untimed first round of `ab` also recorded an RSS: keep the timed runs'.
         res["6'"] = (Stat(rss6_a[1:]), Stat(rss6_b[1:]))
         self.peer.stop()
