@@ -294,6 +294,7 @@ fn serve(
     notify: bool,
     lock: Option<std::fs::File>,
 ) -> anyhow::Result<ExitCode> {
+    crate::image::engine::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
