@@ -14,7 +14,7 @@
 //! ignores Range ([`SourceFailure::RangeIgnored`](super::SourceFailure)) gets the layer
 //! fetched whole once, through the store, instead of a whole body per chunk.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -25,7 +25,7 @@ use super::resolve::{LAYER_CONCURRENCY, Resolved};
 use super::source::{RegistryRanges, RegistrySource, is_range_ignored};
 use crate::fs::{Backend, BackendError};
 use crate::layer::estargz::TOC_DIGEST_ANNOTATION;
-use crate::layer::index::DataRef;
+use crate::layer::index::{DataRef, PackedAt};
 use crate::oci::Digest;
 use crate::overlay::Tree;
 use crate::store::{BlobSource, LayerEvent, LayerJob, LazyLayer, Store};
@@ -195,9 +195,14 @@ pub struct MountedImage {
     /// Single flight for the build: the first caller builds, the others wait here and then
     /// find the tree.
     building: Mutex<()>,
-    /// Lazy layers extracted whole because the registry ignored Range: their files are
-    /// copied from the extracted layer. A std Mutex: held for set lookups only.
-    whole: Mutex<HashSet<u32>>,
+    /// Per layer extracted whole (`None`: lazy), where its small files sit in its pack
+    /// (the index's [`LayerIndex::packed`](crate::layer::LayerIndex)), kept from the build.
+    /// Set together with `lazy`.
+    packed: OnceLock<Vec<Vec<Option<PackedAt>>>>,
+    /// Lazy layers extracted whole because the registry ignored Range, with their pack
+    /// tables: their files are copied from the extracted layer. A std Mutex: held for map
+    /// lookups only.
+    whole: Mutex<HashMap<u32, Arc<Vec<Option<PackedAt>>>>>,
     /// Single flight for those whole fetches; held across the fetch (a FUSE thread waits for
     /// the layer anyway).
     whole_flight: Mutex<()>,
@@ -235,7 +240,8 @@ impl MountedImage {
             lazy: OnceLock::new(),
             tree: OnceLock::new(),
             building: Mutex::new(()),
-            whole: Mutex::new(HashSet::new()),
+            packed: OnceLock::new(),
+            whole: Mutex::new(HashMap::new()),
             whole_flight: Mutex::new(()),
             read_ends: Mutex::new(HashMap::new()),
         }
@@ -275,11 +281,14 @@ impl MountedImage {
         self.rt.block_on(self.fetch(&lazy))?;
         let fetched = started.elapsed();
         let mut indexes = Vec::with_capacity(lazy.len());
+        let mut packed = Vec::with_capacity(lazy.len());
         for (d, l) in self.diff_ids().iter().zip(&lazy) {
-            indexes.push(match l {
+            let mut index = match l {
                 Some(l) => l.take_index(),
                 None => self.store.load_layer_index(d)?,
-            });
+            };
+            packed.push(std::mem::take(&mut index.packed));
+            indexes.push(index);
         }
         let tree = crate::overlay::merge(&indexes).map_err(|source| Error::Merge {
             reference: self.resolved.reference.to_string(),
@@ -296,6 +305,7 @@ impl MountedImage {
             total_ms = started.elapsed().as_millis() as u64,
             "image tree ready"
         );
+        let _ = self.packed.set(packed);
         let _ = self.lazy.set(lazy);
         // Sizing the cache walks every layer directory: not on the first reader's path.
         if self.options.cache_max.is_some() {
@@ -450,23 +460,34 @@ impl MountedImage {
     /// store: blob digest and diff_id verified), for a registry that ignores Range.
     fn ensure_from_whole(&self, layer: u32, l: &LazyLayer, data: DataRef) -> Result<(), Error> {
         let diff_id = &self.diff_ids()[layer as usize];
-        if !self.whole.lock().expect("whole lock").contains(&layer) {
-            let _flight = self.whole_flight.lock().expect("whole flight lock");
-            if !self.whole.lock().expect("whole lock").contains(&layer) {
-                let jobs = layer_jobs(&self.resolved)?;
-                let job = &jobs[layer as usize];
-                let source: Arc<dyn BlobSource> = self.source.clone();
-                self.rt
-                    .block_on(self.store.ensure_layer(source, job, Arc::new(|_| {})))
-                    .map_err(Error::from)?;
-                self.whole.lock().expect("whole lock").insert(layer);
+        let known = self.whole.lock().expect("whole lock").get(&layer).cloned();
+        let packed = match known {
+            Some(p) => p,
+            None => {
+                let _flight = self.whole_flight.lock().expect("whole flight lock");
+                let known = self.whole.lock().expect("whole lock").get(&layer).cloned();
+                match known {
+                    Some(p) => p,
+                    None => {
+                        let jobs = layer_jobs(&self.resolved)?;
+                        let job = &jobs[layer as usize];
+                        let source: Arc<dyn BlobSource> = self.source.clone();
+                        self.rt
+                            .block_on(self.store.ensure_layer(source, job, Arc::new(|_| {})))
+                            .map_err(Error::from)?;
+                        let index = self.store.load_layer_index(diff_id)?;
+                        let p = Arc::new(index.packed);
+                        self.whole
+                            .lock()
+                            .expect("whole lock")
+                            .insert(layer, p.clone());
+                        p
+                    }
+                }
             }
-        }
-        let path = self.store.data_path(diff_id, data);
-        let content = std::fs::File::open(&path).map_err(|source| Error::Open {
-            path: path.clone(),
-            source,
-        })?;
+        };
+        let at = packed.get(data.id as usize).copied().flatten();
+        let content = self.store.open_data(diff_id, data, at)?;
         l.fill_from(data, &content)?;
         Ok(())
     }
@@ -533,8 +554,12 @@ impl MountedImage {
             .diff_ids()
             .get(layer as usize)
             .ok_or(Error::NoLayer { layer })?;
-        let path = self.store.data_path(diff_id, data);
-        std::fs::File::open(&path).map_err(|source| Error::Open { path, source })
+        let at = self
+            .packed
+            .get()
+            .and_then(|p| p.get(layer as usize)?.get(data.id as usize).copied())
+            .flatten();
+        Ok(self.store.open_data(diff_id, data, at)?)
     }
 }
 

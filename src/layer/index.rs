@@ -78,6 +78,33 @@ pub struct DataRef {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerIndex {
     pub entries: Vec<Entry>,
+    /// Per [`DataRef::id`], where a small file's content sits in the layer's pack file when
+    /// it was extracted into the pack rather than into a file of its own (`None`: its own
+    /// file). Empty for layers extracted before packs existed, and for lazy layers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packed: Vec<Option<PackedAt>>,
+}
+
+/// A byte range of a layer's pack file holding one file's content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackedAt {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl LayerIndex {
+    /// An index of `entries` with no pack.
+    pub fn of(entries: Vec<Entry>) -> LayerIndex {
+        LayerIndex {
+            entries,
+            packed: Vec::new(),
+        }
+    }
+
+    /// Where `data` is packed, if it is.
+    pub fn packed(&self, data: DataRef) -> Option<PackedAt> {
+        self.packed.get(data.id as usize).copied().flatten()
+    }
 }
 
 impl Entry {
@@ -210,7 +237,7 @@ mod tests {
             name: b"user.empty".to_vec(),
             value: Vec::new(),
         });
-        let idx = LayerIndex { entries: vec![e] };
+        let idx = LayerIndex::of(vec![e]);
         let json = serde_json::to_string(&idx).unwrap();
         let back: LayerIndex = serde_json::from_str(&json).unwrap();
         assert_eq!(back, idx);

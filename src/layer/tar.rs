@@ -1,5 +1,6 @@
 //! One pass over a layer's tar stream: every entry becomes an [`Entry`] of the
-//! [`LayerIndex`], and the content of regular files is written to `data_dir/<id>`.
+//! [`LayerIndex`], and the content of regular files is written to `data_dir`: small files
+//! into its pack, the others to `data_dir/<id>` (see [`super::extract`]).
 //!
 //! Tar flavours: ustar, PAX (long names and link targets, `mtime` with nanoseconds,
 //! `SCHILY.xattr.*`, large `size`/`uid`/`gid`), GNU long names and GNU sparse files (the
@@ -19,7 +20,7 @@ use tar::EntryType;
 
 use super::estargz;
 use super::extract::{Extractor, WriteError};
-use super::index::{DataRef, Entry, EntryKind, LayerIndex, Timespec, Xattr, clean_path};
+use super::index::{DataRef, Entry, EntryKind, LayerIndex, PackedAt, Timespec, Xattr, clean_path};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
@@ -56,7 +57,8 @@ pub fn index_layer_bounded<R: Read>(
 ) -> Result<LayerIndex, TarError> {
     let mut archive = tar::Archive::new(reader);
     let mut entries = Vec::new();
-    let mut out = data_dir.map(|_| Extractor::new());
+    let mut out = data_dir.map(Extractor::new);
+    let mut packed = Vec::new();
     let mut seen: u64 = 0;
     let mut next_id: u32 = 0;
     let iter = archive
@@ -102,9 +104,11 @@ pub fn index_layer_bounded<R: Read>(
             EntryKind::File => {
                 let id = next_id;
                 let to = data_dir.zip(out.as_mut());
-                entry.size = file_content(&mut te, to, DataRef { id }, sparse, &bad)?;
+                let (size, at) = file_content(&mut te, to, DataRef { id }, sparse, &bad)?;
+                entry.size = size;
                 if entry.size > 0 {
                     entry.data = Some(DataRef { id });
+                    packed.push(at);
                     next_id = next_id
                         .checked_add(1)
                         .ok_or_else(|| bad("more than 2^32 files in one layer".into()))?;
@@ -125,7 +129,11 @@ pub fn index_layer_bounded<R: Read>(
     if is_estargz {
         entries.retain(|e| !estargz::is_meta_name(&e.path));
     }
-    Ok(LayerIndex { entries })
+    // All in files of their own (or only indexed): nothing to record.
+    if packed.iter().all(Option::is_none) {
+        packed = Vec::new();
+    }
+    Ok(LayerIndex { entries, packed })
 }
 
 /// What a tar entry is, or `None` for entries that carry no file (global PAX headers).
@@ -205,20 +213,22 @@ fn entry_metadata<R: Read>(
     Ok((entry, sparse))
 }
 
-/// A regular file's content, written to `data` under `data_dir` (or read past, when only
-/// indexing); returns its size. An empty file leaves no data file.
+/// A regular file's content, written to `data` under `data_dir` or to its pack (or read
+/// past, when only indexing); returns its size and where it was packed. An empty file
+/// leaves no data.
 fn file_content<R: Read>(
     te: &mut tar::Entry<'_, R>,
     data_dir: Option<(&Path, &mut Extractor)>,
     data: DataRef,
     sparse: Option<SparseLayout>,
     bad: &impl Fn(String) -> TarError,
-) -> Result<u64, TarError> {
+) -> Result<(u64, Option<PackedAt>), TarError> {
     let Some((dir, out)) = data_dir else {
-        return match sparse {
+        let size = match sparse {
             Some(s) => write_sparse(te, None, &s, bad),
             None => io::copy(te, &mut io::sink()).map_err(|source| TarError::Read { source }),
-        };
+        }?;
+        return Ok((size, None));
     };
     let file_path = data_path(dir, data);
     match sparse {
@@ -227,14 +237,15 @@ fn file_content<R: Read>(
             if n == 0 {
                 let _ = std::fs::remove_file(&file_path);
             }
-            Ok(n)
+            Ok((n, None))
         }
         None => {
             let size = te.size();
-            out.write(te, size, file_path)
+            let at = out
+                .write(te, size, file_path)
                 .map_err(write_error)?
                 .map_err(|source| TarError::Read { source })?;
-            Ok(size)
+            Ok((size, at))
         }
     }
 }
@@ -503,9 +514,18 @@ fn parse_pax_time(v: &[u8]) -> Option<Timespec> {
     Some(Timespec { sec, nsec })
 }
 
-/// Open a layer data file for reading.
-pub fn open_data(dir: &Path, data: DataRef) -> io::Result<File> {
-    File::open(data_path(dir, data))
+/// The content of `data` of a layer extracted into `dir` as `index` says: from the pack
+/// or from its own file.
+pub fn read_data(dir: &Path, index: &LayerIndex, data: DataRef) -> io::Result<Vec<u8>> {
+    match index.packed(data) {
+        Some(at) => {
+            let mut out = vec![0; at.len as usize];
+            let pack = File::open(dir.join(super::extract::PACK))?;
+            std::os::unix::fs::FileExt::read_exact_at(&pack, &mut out, at.offset)?;
+            Ok(out)
+        }
+        None => std::fs::read(data_path(dir, data)),
+    }
 }
 
 #[cfg(test)]
@@ -598,10 +618,7 @@ mod tests {
         assert_eq!((su.mode, su.uid, su.gid, su.size), (0o4755, 1000, 1001, 5));
         assert_eq!(su.mtime.sec, 1_704_067_200);
         let data = su.data.unwrap();
-        assert_eq!(
-            std::fs::read(data_path(dir.path(), data)).unwrap(),
-            b"hello"
-        );
+        assert_eq!(read_data(dir.path(), &idx, data).unwrap(), b"hello");
         assert_eq!(idx.entries[2].data, None);
         assert_eq!(idx.entries[3].link.as_deref(), Some(&b"../x/y"[..]));
         assert_eq!(idx.entries[4].kind, EntryKind::Hardlink);
@@ -724,11 +741,11 @@ mod tests {
             let e = &idx.entries[0];
             assert_eq!(e.path, b"dir/sparse", "{version}");
             assert_eq!((e.size, e.mode), (real, 0o640), "{version}");
-            let got = std::fs::read(data_path(dir.path(), e.data.unwrap())).unwrap();
+            let got = read_data(dir.path(), &idx, e.data.unwrap()).unwrap();
             assert!(got == want, "{version}: content differs");
             let after = &idx.entries[1];
             assert_eq!(after.path, b"after", "{version}");
-            let got = std::fs::read(data_path(dir.path(), after.data.unwrap())).unwrap();
+            let got = read_data(dir.path(), &idx, after.data.unwrap()).unwrap();
             assert_eq!(got, b"ok", "{version}");
             // Indexing without extraction agrees.
             let idx2 = index_layer(&tarball[..], None).unwrap();

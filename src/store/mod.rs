@@ -6,7 +6,8 @@
 //! ```text
 //! blobs/sha256/<hex>          verified blobs: manifests, indexes, configs, layer blobs
 //! partial/sha256-<hex>        a layer download in progress (resumed with Range)
-//! layers/sha256/<hex>/        an extracted layer, by diff_id: index.json + data/<n>
+//! layers/sha256/<hex>/        an extracted layer, by diff_id: index.json + data/pack (small
+//!                              files) + data/<n> (big files, and small ones once opened)
 //! estargz/sha256/<hex>/       a lazily served eStargz blob: toc.json, data/<n>, present
 //! tmp/                        extraction in progress (never looks like a layer)
 //! locks/                      one lock file per blob / layer being written
@@ -34,7 +35,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::layer::index::{DataRef, LayerIndex};
+use crate::layer::index::{DataRef, LayerIndex, PackedAt};
 use crate::oci::{Digest, ImageManifest};
 
 pub use cache::{
@@ -293,9 +294,33 @@ impl Store {
         })
     }
 
-    /// The local file holding a regular file's content in an extracted layer.
+    /// The local file holding a regular file's content in an extracted layer, once it has
+    /// one ([`Store::open_data`]).
     pub fn data_path(&self, diff_id: &Digest, data: DataRef) -> PathBuf {
         crate::layer::tar::data_path(&self.layer_dir(diff_id).join("data"), data)
+    }
+
+    /// Open the file holding a regular file's content in an extracted layer, read-only.
+    /// A small file extracted into the layer's pack (`packed`, from the layer's index) is
+    /// given a file of its own at its first open: the kernel can then read it through
+    /// passthrough like any other, and files never opened cost no file creation.
+    pub fn open_data(
+        &self,
+        diff_id: &Digest,
+        data: DataRef,
+        packed: Option<PackedAt>,
+    ) -> Result<File, StoreError> {
+        let path = self.data_path(diff_id, data);
+        match (File::open(&path), packed) {
+            (Ok(f), _) => Ok(f),
+            (Err(e), Some(at)) if e.kind() == io::ErrorKind::NotFound => {
+                let dir = self.layer_dir(diff_id).join("data");
+                crate::layer::extract::unpack(&dir, at, &path, &self.root.join("tmp"))
+                    .map_err(io_err(&path))?;
+                File::open(&path).map_err(io_err(&path))
+            }
+            (Err(e), _) => Err(io_err(&path)(e)),
+        }
     }
 
     /// Take an exclusive lock named `name` (blocking). Released when the guard drops.

@@ -469,34 +469,28 @@ fn decode_and_index<R: Read + Send>(
     compression: &mut Option<Compression>,
 ) -> io::Result<Result<(crate::layer::LayerIndex, Digest), StoreError>> {
     let count = std::sync::atomic::AtomicU64::new(0);
-    let mut counted = CountInto(compressed, &count);
-    let (head, found) = match *compression {
-        Some(c) => (Vec::new(), c),
-        None => sniff_compression(&mut counted)?,
-    };
-    *compression = Some(found);
-    let dec = decompress::decoder(found, io::Cursor::new(head).chain(counted))?;
-    let bounded = decompress::Bounded::new(dec, job.limits, || {
-        count.load(std::sync::atomic::Ordering::Relaxed)
-    });
     // The diff_id's algorithm, when unknown, is the canonical one (sha256).
     let hasher = match &job.diff_id {
         Some(d) => d.hasher(),
         None => Hasher::new(crate::oci::digest::Algorithm::Sha256),
     };
-    // Two stages on two cores: this thread's helper reads the input (network, partial file,
-    // blob digest) and inflates; this thread hashes the tar for the diff_id, parses it and
-    // hands file contents to the extraction writers.
+    // Three stages, so that inflating — the one step that cannot be split — has a core to
+    // itself: a helper thread reads the input (network, partial file and its tee, blob
+    // digest); a second one inflates; this thread hashes the tar for the diff_id, parses it
+    // and writes file contents.
     std::thread::scope(|s| {
-        let (tx, rx) = sync_channel(STAGE_BLOCKS);
-        let (back_tx, back_rx) = sync_channel(STAGE_BLOCKS + 2);
-        s.spawn(move || pump(bounded, &tx, &back_rx));
-        let staged = Staged {
-            rx,
-            back: back_tx,
-            cur: Vec::new(),
-            pos: 0,
+        // Counted as the decoder consumes it, for the decompression ratio bound.
+        let mut counted = CountInto(stage(s, compressed), &count);
+        let (head, found) = match *compression {
+            Some(c) => (Vec::new(), c),
+            None => sniff_compression(&mut counted)?,
         };
+        *compression = Some(found);
+        let dec = decompress::decoder(found, io::Cursor::new(head).chain(counted))?;
+        let bounded = decompress::Bounded::new(dec, job.limits, || {
+            count.load(std::sync::atomic::Ordering::Relaxed)
+        });
+        let staged = stage(s, bounded);
         let mut tar_stream = Hashing::new(staged, hasher, Arc::new(|_| {}));
         let index =
             match index_layer_bounded(&mut tar_stream, Some(data_dir), job.limits.max_entries) {
@@ -516,12 +510,29 @@ fn decode_and_index<R: Read + Send>(
     })
 }
 
-/// Blocks in flight between the two stages of [`decode_and_index`], and their size.
+/// Blocks in flight between two stages of [`decode_and_index`], and their size.
 const STAGE_BLOCKS: usize = 4;
 const STAGE_BLOCK: usize = 256 << 10;
 
-/// The first stage: read `input` to its end in blocks, reusing the blocks handed back. Stops
-/// at the first error (passed on) or when the reader is gone.
+/// Run `input` as a stage of its own on a thread of scope `s`: the returned reader yields
+/// what it read, in blocks that are handed back and reused.
+fn stage<'scope, 'env, R: Read + Send + 'scope>(
+    s: &'scope std::thread::Scope<'scope, 'env>,
+    input: R,
+) -> Staged {
+    let (tx, rx) = sync_channel(STAGE_BLOCKS);
+    let (back_tx, back_rx) = sync_channel(STAGE_BLOCKS + 2);
+    s.spawn(move || pump(input, &tx, &back_rx));
+    Staged {
+        rx,
+        back: back_tx,
+        cur: Vec::new(),
+        pos: 0,
+    }
+}
+
+/// A stage's thread: read `input` to its end in blocks, reusing the blocks handed back.
+/// Stops at the first error (passed on) or when the reader is gone.
 fn pump(mut input: impl Read, tx: &SyncSender<io::Result<Vec<u8>>>, back: &Receiver<Vec<u8>>) {
     loop {
         let mut block = back.try_recv().unwrap_or_else(|_| vec![0u8; STAGE_BLOCK]);
@@ -737,7 +748,7 @@ impl<R: Read> Read for Hashing<R> {
 }
 
 /// Passes reads through and publishes the running byte count (for the expansion-ratio limit).
-struct CountInto<'a, R>(&'a mut R, &'a std::sync::atomic::AtomicU64);
+struct CountInto<'a, R>(R, &'a std::sync::atomic::AtomicU64);
 
 impl<R: Read> Read for CountInto<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -837,6 +848,56 @@ mod tests {
             offsets: Mutex::new(Vec::new()),
             ignore_range,
         })
+    }
+
+    #[tokio::test]
+    async fn small_files_are_packed_and_get_a_file_of_their_own_at_first_open() {
+        use std::io::Read as _;
+        use std::os::unix::fs::MetadataExt;
+        let mut b = tar::Builder::new(Vec::new());
+        let contents: Vec<Vec<u8>> = (1..=3u8).map(|i| vec![i; 1000 * i as usize]).collect();
+        for (i, content) in contents.iter().enumerate() {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(content.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, format!("f{i}"), &content[..])
+                .unwrap();
+        }
+        let tarball = b.into_inner().unwrap();
+        let diff_id = Digest::sha256(&tarball);
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&tarball).unwrap();
+        let gz = e.finish().unwrap();
+        let digest = Digest::sha256(&gz);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .ensure_layer(
+                source(&gz, None, false),
+                &job(&gz, &digest, &diff_id),
+                Arc::new(|_| {}),
+            )
+            .await
+            .unwrap();
+        let index = store.load_layer_index(&diff_id).unwrap();
+        for (entry, content) in index.entries.iter().zip(&contents) {
+            let data = entry.data.unwrap();
+            let at = index.packed(data).expect("a small file is packed");
+            let own = store.data_path(&diff_id, data);
+            assert!(!own.exists(), "no file of its own before it is opened");
+            let mut got = Vec::new();
+            let mut f = store.open_data(&diff_id, data, Some(at)).unwrap();
+            f.read_to_end(&mut got).unwrap();
+            assert_eq!(&got, content);
+            let ino = fs::metadata(&own).unwrap().ino();
+            store.open_data(&diff_id, data, Some(at)).unwrap();
+            assert_eq!(fs::metadata(&own).unwrap().ino(), ino, "written once");
+        }
+        assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
+        // Without its pack entry, a file that has none of its own is an error, not empty.
+        let data = index.entries[0].data.unwrap();
+        fs::remove_file(store.data_path(&diff_id, data)).unwrap();
+        assert!(store.open_data(&diff_id, data, None).is_err());
     }
 
     #[tokio::test]

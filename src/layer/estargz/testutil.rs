@@ -262,7 +262,7 @@ pub(crate) fn expected_index(
             e
         })
         .collect();
-    LayerIndex { entries }
+    LayerIndex::of(entries)
 }
 
 // --- errors -------------------------------------------------------------------------

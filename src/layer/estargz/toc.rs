@@ -373,7 +373,7 @@ impl Toc {
             }
         }
         let map = chunks.finish(&self.entries)?;
-        Ok((LayerIndex { entries }, map))
+        Ok((LayerIndex::of(entries), map))
     }
 
     /// Offset of `.prefetch.landmark`: the prioritised files are in bytes `[0, offset)`.

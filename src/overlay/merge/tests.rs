@@ -674,9 +674,7 @@ fn merge_errors() {
 #[test]
 fn link_entries_without_a_target_are_errors() {
     for kind in [EntryKind::Symlink, EntryKind::Hardlink] {
-        let layers = [LayerIndex {
-            entries: vec![Entry::new("l", kind, 0o777)],
-        }];
+        let layers = [LayerIndex::of(vec![Entry::new("l", kind, 0o777)])];
         let err = merge(&layers).unwrap_err();
         assert!(
             matches!(&err, MergeError::MissingLinkTarget { layer: 0, path } if path == b"l"),
@@ -688,12 +686,8 @@ fn link_entries_without_a_target_are_errors() {
 #[test]
 fn file_contents_point_at_their_layer() {
     let layers = [
-        LayerIndex {
-            entries: vec![file_entry("f", 4, 7), file_entry("g", 0, 0)],
-        },
-        LayerIndex {
-            entries: vec![file_entry("g", 9, 2)],
-        },
+        LayerIndex::of(vec![file_entry("f", 4, 7), file_entry("g", 0, 0)]),
+        LayerIndex::of(vec![file_entry("g", 9, 2)]),
     ];
     let tree = merge(&layers).unwrap();
     let content = |path: &[u8]| {
@@ -764,9 +758,9 @@ fn twenty_thousand_entries_in_one_directory() {
         .map(|i| entry(format!("big/.wh.new{i:05}"), EntryKind::File))
         .collect();
     let (lower, upper, top) = (
-        LayerIndex { entries: lower },
-        LayerIndex { entries: upper },
-        LayerIndex { entries: top },
+        LayerIndex::of(lower),
+        LayerIndex::of(upper),
+        LayerIndex::of(top),
     );
     let tree = timed_merge(&[lower, upper, top], Duration::from_secs(5));
     let big = tree.resolve(b"big").unwrap();
@@ -815,7 +809,7 @@ fn a_hundred_thousand_entries() {
     for d in (5..500).step_by(10) {
         upper.push(Entry::new(format!("usr/.wh.d{d:03}"), EntryKind::File, 0));
     }
-    let layers = [LayerIndex { entries: base }, LayerIndex { entries: upper }];
+    let layers = [LayerIndex::of(base), LayerIndex::of(upper)];
     assert!(layers.iter().map(|l| l.entries.len()).sum::<usize>() > 100_000);
     let tree = timed_merge(&layers, Duration::from_secs(15));
     // Root, usr, 450 directories of 200 files.
@@ -840,15 +834,15 @@ fn a_hundred_thousand_entries() {
 fn deep_trees_do_not_recurse() {
     let deep = vec!["d"; 5_000].join("/");
     let layers = [
-        LayerIndex {
-            entries: vec![Entry::new(format!("{deep}/f"), EntryKind::File, 0o644)],
-        },
-        LayerIndex {
-            entries: vec![
-                Entry::new(format!("{deep}/g"), EntryKind::File, 0o644),
-                Entry::new(".wh..wh..opq", EntryKind::File, 0),
-            ],
-        },
+        LayerIndex::of(vec![Entry::new(
+            format!("{deep}/f"),
+            EntryKind::File,
+            0o644,
+        )]),
+        LayerIndex::of(vec![
+            Entry::new(format!("{deep}/g"), EntryKind::File, 0o644),
+            Entry::new(".wh..wh..opq", EntryKind::File, 0),
+        ]),
     ];
     let tree = merge(&layers).unwrap();
     tree.check_invariants().unwrap();
