@@ -12,8 +12,8 @@
 //!
 //! Invariants: `toc.json` appears (atomically) only after the TOC matched the layer's
 //! `toc.digest` annotation. A chunk is recorded in `present` only after it decoded, matched its
-//! `chunkDigest` and its bytes were written and synced into the data file; a torn last record
-//! is ignored. The module knows nothing of HTTP: ranges come through [`RangeSource`].
+//! `chunkDigest` and its bytes were written into the data file and the filesystem synced
+//! (one `syncfs` per fetched batch); a torn last record is ignored. The module knows nothing of HTTP: ranges come through [`RangeSource`].
 //!
 //! Every byte is fetched once: readers ([`LazyLayer::ensure`]), the landmark prefetch and the
 //! background fill all go through one single-flight map of the chunks in flight. A caller
@@ -92,7 +92,7 @@ pub struct LazyLayer {
     /// Chunks known present, as (file id, chunk number). A std Mutex: held for set lookups and
     /// inserts only, never across I/O.
     present: Mutex<HashSet<(u32, u32)>>,
-    /// The `present` log, opened for appending: each record is one `write` of 8 bytes, which
+    /// The `present` log, opened for appending: each batch of records is one `write`, which
     /// O_APPEND keeps whole even with several writers.
     log: File,
     /// The chunks in flight, each with the receiver of its fetch's [`Claim`] (closed when
@@ -629,12 +629,11 @@ impl LazyLayer {
         };
         let span = chunk(first).offset..chunk(last).compressed_range().end;
         let bytes = self.fetch_span(source, span.clone()).await?;
-        for w in wanted {
-            let c = chunk(w);
+        self.write_then_record(wanted, |&&(data, n)| {
+            let c = self.chunk(data, n);
             let at = (c.offset - span.start) as usize;
-            self.store_chunk(w.0, w.1, &bytes[at..at + c.compressed_len as usize])?;
-        }
-        Ok(())
+            self.store_chunk(data, n, &bytes[at..at + c.compressed_len as usize])
+        })
     }
 
     async fn fetch_span(
@@ -667,7 +666,12 @@ impl LazyLayer {
     /// data file and record it. A chunk that fails verification is neither written nor
     /// recorded. Writing a chunk twice (a reader and the background fill racing) writes the
     /// same verified bytes.
-    fn store_chunk(&self, data: DataRef, n: u32, compressed: &[u8]) -> Result<(), StoreError> {
+    fn store_chunk(
+        &self,
+        data: DataRef,
+        n: u32,
+        compressed: &[u8],
+    ) -> Result<ChunkKey, StoreError> {
         let c = &self.chunks.chunks(data).unwrap_or_default()[n as usize];
         let plain = decode_chunk(compressed, c).map_err(|e| StoreError::Layer {
             digest: self.digest.clone(),
@@ -680,7 +684,9 @@ impl LazyLayer {
         self.write_chunk(data, n, &plain)
     }
 
-    fn write_chunk(&self, data: DataRef, n: u32, plain: &[u8]) -> Result<(), StoreError> {
+    /// Write chunk `n`'s verified bytes into the data file; [`LazyLayer::record`] makes
+    /// them durable and records them.
+    fn write_chunk(&self, data: DataRef, n: u32, plain: &[u8]) -> Result<ChunkKey, StoreError> {
         let c = &self.chunks.chunks(data).unwrap_or_default()[n as usize];
         let path = self.data_path(data);
         let file = OpenOptions::new()
@@ -690,20 +696,59 @@ impl LazyLayer {
             .open(&path)
             .map_err(io_err(&path))?;
         file.write_all_at(plain, c.chunk_offset)
-            .and_then(|()| file.sync_data())
             .map_err(io_err(&path))?;
-        let mut record = [0u8; RECORD];
-        record[..4].copy_from_slice(&data.id.to_le_bytes());
-        record[4..].copy_from_slice(&n.to_le_bytes());
+        Ok((data.id, n))
+    }
+
+    /// Write a batch of chunks with `write` (one chunk per item), then record those written
+    /// ([`LazyLayer::record`]) — also when a later one failed, so they are not fetched again.
+    fn write_then_record<T>(
+        &self,
+        items: impl IntoIterator<Item = T>,
+        mut write: impl FnMut(&T) -> Result<ChunkKey, StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut written = Vec::new();
+        let mut result = Ok(());
+        for item in items {
+            match write(&item) {
+                Ok(key) => written.push(key),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.record(&written)?;
+        result
+    }
+
+    /// Make the chunks `keys`, written into their data files, durable, then log them in
+    /// `present` and mark them present. One `syncfs` for the batch puts their bytes on disk
+    /// before the records that vouch for them: a crash never leaves a record of bytes that
+    /// did not reach the disk. (An fsync per chunk and per record made a cold walk of 20,000
+    /// small files spend most of its time waiting for the disk.)
+    fn record(&self, keys: &[ChunkKey]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
         let log_path = self.dir.join("present");
+        // SAFETY: syncfs only flushes the filesystem of an fd we own.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&self.log)) } != 0 {
+            return Err(io_err(&self.dir)(io::Error::last_os_error()));
+        }
+        let mut records = Vec::with_capacity(keys.len() * RECORD);
+        for &(id, n) in keys {
+            records.extend_from_slice(&id.to_le_bytes());
+            records.extend_from_slice(&n.to_le_bytes());
+        }
         (&self.log)
-            .write_all(&record)
+            .write_all(&records)
             .and_then(|()| self.log.sync_data())
             .map_err(io_err(&log_path))?;
         self.present
             .lock()
             .expect("present lock")
-            .insert((data.id, n));
+            .extend(keys.iter().copied());
         Ok(())
     }
 
@@ -734,11 +779,10 @@ impl LazyLayer {
             return self.fetch_claimed(source, &batch, &claim).await;
         }
         let bytes = self.fetch_span(source, 0..end).await?;
-        for (data, n, c) in wanted {
+        self.write_then_record(wanted, |(data, n, c)| {
             let compressed = &bytes[c.offset as usize..c.compressed_range().end as usize];
-            self.store_chunk(data, n, compressed)?;
-        }
-        Ok(())
+            self.store_chunk(*data, *n, compressed)
+        })
     }
 
     /// Fetch the chunks of `batch` (blob order) that `claim` holds: one request per stretch
@@ -804,7 +848,7 @@ impl LazyLayer {
     pub fn fill_from(&self, data: DataRef, content: &File) -> Result<(), StoreError> {
         let chunks = self.chunks.chunks(data).unwrap_or_default();
         let missing = self.missing(data, 0..u64::MAX);
-        for n in missing {
+        self.write_then_record(missing, |&n| {
             let c = &chunks[n as usize];
             let mut plain = vec![0u8; c.chunk_size as usize];
             content
@@ -816,9 +860,8 @@ impl LazyLayer {
                         source: e,
                     },
                 })?;
-            self.write_chunk(data, n, &plain)?;
-        }
-        Ok(())
+            self.write_chunk(data, n, &plain)
+        })
     }
 
     /// Every chunk not local, in blob order.
