@@ -2,7 +2,7 @@
 //! zstd — including multi-frame —, or none) with a bound on the expanded size, so a
 //! decompression bomb fails with a clear error instead of filling the disk.
 
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 
 use crate::oci::Compression;
 
@@ -11,14 +11,24 @@ pub fn decoder<'a, R: Read + Send + 'a>(
     compression: Compression,
     reader: R,
 ) -> io::Result<Box<dyn Read + Send + 'a>> {
+    decoder_buffered(
+        compression,
+        io::BufReader::with_capacity(256 * 1024, reader),
+    )
+}
+
+/// [`decoder`] for a reader with its own buffer: the decoder reads from it in place, with no
+/// copy into a buffer of its own.
+pub fn decoder_buffered<'a, R: BufRead + Send + 'a>(
+    compression: Compression,
+    reader: R,
+) -> io::Result<Box<dyn Read + Send + 'a>> {
     Ok(match compression {
         Compression::None => Box::new(reader),
         // MultiGzDecoder: a gzip stream may be several members back to back (eStargz is one
         // member per file or chunk); the plain decoder would stop after the first.
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
-            io::BufReader::with_capacity(256 * 1024, reader),
-        )),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(reader)?),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(reader)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(reader)?),
     })
 }
 

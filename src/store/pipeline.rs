@@ -13,7 +13,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -486,7 +486,7 @@ fn decode_and_index<R: Read + Send>(
             None => sniff_compression(&mut counted)?,
         };
         *compression = Some(found);
-        let dec = decompress::decoder(found, io::Cursor::new(head).chain(counted))?;
+        let dec = decompress::decoder_buffered(found, io::Cursor::new(head).chain(counted))?;
         let bounded = decompress::Bounded::new(dec, job.limits, || {
             count.load(std::sync::atomic::Ordering::Relaxed)
         });
@@ -565,6 +565,20 @@ struct Staged {
 
 impl Read for Staged {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = {
+            let have = self.fill_buf()?;
+            let n = out.len().min(have.len());
+            out[..n].copy_from_slice(&have[..n]);
+            n
+        };
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+/// The decoder reads the blocks in place.
+impl BufRead for Staged {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         if self.pos == self.cur.len() {
             match self.rx.recv() {
                 Ok(Ok(block)) => {
@@ -573,13 +587,14 @@ impl Read for Staged {
                     self.pos = 0;
                 }
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
+                Err(_) => return Ok(&[]),
             }
         }
-        let n = out.len().min(self.cur.len() - self.pos);
-        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        Ok(&self.cur[self.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
         self.pos += n;
-        Ok(n)
     }
 }
 
@@ -756,6 +771,18 @@ impl<R: Read> Read for CountInto<'_, R> {
         self.1
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for CountInto<'_, R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.0.fill_buf()
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.0.consume(n);
+        self.1
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
