@@ -460,36 +460,41 @@ impl MountedImage {
     /// store: blob digest and diff_id verified), for a registry that ignores Range.
     fn ensure_from_whole(&self, layer: u32, l: &LazyLayer, data: DataRef) -> Result<(), Error> {
         let diff_id = &self.diff_ids()[layer as usize];
-        let known = self.whole.lock().expect("whole lock").get(&layer).cloned();
-        let packed = match known {
-            Some(p) => p,
-            None => {
-                let _flight = self.whole_flight.lock().expect("whole flight lock");
-                let known = self.whole.lock().expect("whole lock").get(&layer).cloned();
-                match known {
-                    Some(p) => p,
-                    None => {
-                        let jobs = layer_jobs(&self.resolved)?;
-                        let job = &jobs[layer as usize];
-                        let source: Arc<dyn BlobSource> = self.source.clone();
-                        self.rt
-                            .block_on(self.store.ensure_layer(source, job, Arc::new(|_| {})))
-                            .map_err(Error::from)?;
-                        let index = self.store.load_layer_index(diff_id)?;
-                        let p = Arc::new(index.packed);
-                        self.whole
-                            .lock()
-                            .expect("whole lock")
-                            .insert(layer, p.clone());
-                        p
-                    }
-                }
-            }
-        };
+        let packed = self.extracted_whole(layer, diff_id)?;
         let at = packed.get(data.id as usize).copied().flatten();
         let content = self.store.open_data(diff_id, data, at)?;
         l.fill_from(data, &content)?;
         Ok(())
+    }
+
+    /// Lazy layer `layer` extracted whole through the store (once), and its pack table.
+    fn extracted_whole(
+        &self,
+        layer: u32,
+        diff_id: &Digest,
+    ) -> Result<Arc<Vec<Option<PackedAt>>>, Error> {
+        let known = || self.whole.lock().expect("whole lock").get(&layer).cloned();
+        if let Some(p) = known() {
+            return Ok(p);
+        }
+        let _flight = self.whole_flight.lock().expect("whole flight lock");
+        if let Some(p) = known() {
+            return Ok(p);
+        }
+        let jobs = layer_jobs(&self.resolved)?;
+        let source: Arc<dyn BlobSource> = self.source.clone();
+        self.rt
+            .block_on(
+                self.store
+                    .ensure_layer(source, &jobs[layer as usize], Arc::new(|_| {})),
+            )
+            .map_err(Error::from)?;
+        let packed = Arc::new(self.store.load_layer_index(diff_id)?.packed);
+        self.whole
+            .lock()
+            .expect("whole lock")
+            .insert(layer, packed.clone());
+        Ok(packed)
     }
 
     /// Make bytes `offset..offset+len` of a file of layer `layer` local.

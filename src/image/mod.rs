@@ -102,12 +102,6 @@ pub enum Error {
     },
     #[error("no layer {layer} in this image")]
     NoLayer { layer: u32 },
-    #[error("opening {}", path.display())]
-    Open {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("file bytes {offset}+{len}")]
     Chunk {
         offset: u64,
