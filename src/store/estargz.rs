@@ -1186,6 +1186,46 @@ mod tests {
         assert_eq!(l.state().local, 0);
     }
 
+    #[tokio::test]
+    async fn a_batch_keeps_the_chunks_before_a_corrupt_one_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (blob, digest, toc) = sample();
+        let src = MemRanges::new(blob.clone());
+        let l = open_sample(&store, &src, &blob, &digest, &toc).await;
+        let big_ref = data_of(&l, "big");
+        let chunks = l.chunks.chunks(big_ref).unwrap().to_vec();
+        assert_eq!(chunks.len(), 3);
+        let mut bad = blob.clone();
+        bad[(chunks[1].offset + chunks[1].compressed_len / 2) as usize] ^= 0xff;
+        let bad_src = MemRanges::new(bad);
+        // One request for the three chunks; the second fails verification.
+        assert!(l.ensure(&bad_src, big_ref, 0..300_000).await.is_err());
+        assert_eq!(bad_src.requests().len(), 1);
+        assert_eq!(l.state().local, 100_000, "the chunk before it is kept");
+        let log = store.estargz_dir(&digest).join("present");
+        assert_eq!(fs::metadata(&log).unwrap().len(), RECORD as u64);
+        drop(l);
+        let l = store
+            .load_lazy_layer(&digest, Some(&toc))
+            .unwrap()
+            .unwrap()
+            .with_read_around(0);
+        assert_eq!(l.state().local, 100_000, "and recorded");
+        // The rest comes in one request, from where the kept chunk ends.
+        l.ensure(&src, big_ref, 0..300_000).await.unwrap();
+        let requests = src.requests();
+        assert_eq!(requests.len(), 3, "footer, TOC, the two missing chunks");
+        assert_eq!(requests[2].start, chunks[1].offset);
+        assert_eq!(fs::metadata(&log).unwrap().len(), 3 * RECORD as u64);
+        let mut got = vec![0u8; 300_000];
+        l.data_file(big_ref)
+            .unwrap()
+            .read_exact_at(&mut got, 0)
+            .unwrap();
+        assert!(got == big());
+    }
+
     fn with_landmark() -> (Vec<u8>, Digest, Digest) {
         let mut f = Entry::new("big", EntryKind::File, 0o644);
         f.size = big().len() as u64;
