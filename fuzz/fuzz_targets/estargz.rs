@@ -107,7 +107,13 @@ fn layer(toc: &Toc, toc_offset: u64) -> Option<ChunkMap> {
             return None;
         }
     };
-    debug(|| format!("{} entries, {} files with chunks", index.entries.len(), map.len()));
+    debug(|| {
+        format!(
+            "{} entries, {} files with chunks",
+            index.entries.len(),
+            map.len()
+        )
+    });
     let mut with_data = 0;
     for entry in &index.entries {
         assert_clean(&entry.path);
@@ -132,8 +138,14 @@ fn layer(toc: &Toc, toc_offset: u64) -> Option<ChunkMap> {
             let last = pos - 1;
             assert_eq!(map.chunk_at(data, chunk.chunk_offset), Some(chunk));
             assert_eq!(map.chunk_at(data, last), Some(chunk));
-            assert_eq!(map.chunks_in(data, chunk.chunk_offset..pos), std::slice::from_ref(chunk));
-            assert_eq!(map.chunks_in(data, last..last + 1), std::slice::from_ref(chunk));
+            assert_eq!(
+                map.chunks_in(data, chunk.chunk_offset..pos),
+                std::slice::from_ref(chunk)
+            );
+            assert_eq!(
+                map.chunks_in(data, last..last + 1),
+                std::slice::from_ref(chunk)
+            );
         }
         assert_eq!(pos, entry.size);
         assert_eq!(map.chunk_at(data, entry.size), None);

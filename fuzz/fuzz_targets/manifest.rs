@@ -59,7 +59,10 @@ fuzz_target!(|data: &[u8]| {
             roundtrip(&json, content_type, &parsed);
             if let Ok(chosen) = manifest::select_platform(index, &want) {
                 assert!(index.manifests.contains(&chosen));
-                let platform = chosen.platform.as_ref().expect("a chosen entry has a platform");
+                let platform = chosen
+                    .platform
+                    .as_ref()
+                    .expect("a chosen entry has a platform");
                 assert!(want.matches(platform));
                 assert!(!chosen.is_attestation());
             }
@@ -90,9 +93,6 @@ fuzz_target!(|data: &[u8]| {
 fn roundtrip(json: &[u8], content_type: Option<&str>, want: &Manifest) {
     match manifest::parse_manifest(json, content_type) {
         Ok(again) => assert_eq!(&again, want, "{}", String::from_utf8_lossy(json)),
-        Err(e) => panic!(
-            "re-parsing {} failed: {e}",
-            String::from_utf8_lossy(json)
-        ),
+        Err(e) => panic!("re-parsing {} failed: {e}", String::from_utf8_lossy(json)),
     }
 }

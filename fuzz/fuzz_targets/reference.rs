@@ -12,7 +12,11 @@ fuzz_target!(|input: &str| {
     assert!(!reference.registry().is_empty());
     assert!(!reference.repository().is_empty());
     assert!(reference.tag().is_some() || reference.digest().is_some());
-    assert!(reference.name().len() <= 255, "name too long: {}", reference.name());
+    assert!(
+        reference.name().len() <= 255,
+        "name too long: {}",
+        reference.name()
+    );
     assert!(!reference.api_host().is_empty());
     assert!(!reference.manifest_reference().is_empty());
 

@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use std::io::Read;
 
 use imagefs::layer::EntryKind;
+use imagefs::layer::extract::PACK;
 use imagefs::layer::tar::{data_path, index_layer};
 use imagefs::oci::Compression;
 use libfuzzer_sys::fuzz_target;
@@ -42,12 +43,22 @@ fuzz_target!(|data: &[u8]| {
         .expect("list the temp dir")
         .map(|e| e.expect("a dir entry").file_name())
         .collect();
-    assert_eq!(beside, [std::ffi::OsString::from("data")], "created beside data dir");
+    assert_eq!(
+        beside,
+        [std::ffi::OsString::from("data")],
+        "created beside data dir"
+    );
 
     let mut ids = BTreeSet::new();
+    let mut pack_len = 0;
     for item in std::fs::read_dir(&dir).expect("list the data dir") {
         let item = item.expect("a dir entry");
         let name = item.file_name();
+        if name == PACK {
+            assert!(item.file_type().expect("a file type").is_file());
+            pack_len = item.metadata().expect("the pack's metadata").len();
+            continue;
+        }
         let id: u32 = name
             .to_str()
             .and_then(|n| n.parse().ok())
@@ -78,12 +89,27 @@ fuzz_target!(|data: &[u8]| {
             Some(d) => {
                 assert!(entry.size > 0);
                 assert!(seen.insert(d.id), "data id {} used twice", d.id);
-                let meta = std::fs::metadata(data_path(&dir, d)).expect("the data file exists");
-                assert_eq!(meta.len(), entry.size);
+                match index.packed(d) {
+                    Some(at) => {
+                        assert_eq!(at.len, entry.size);
+                        assert!(at.offset + at.len <= pack_len, "packed past the pack's end");
+                        assert!(!ids.contains(&d.id), "packed and in a file of its own");
+                    }
+                    None => {
+                        let meta =
+                            std::fs::metadata(data_path(&dir, d)).expect("the data file exists");
+                        assert_eq!(meta.len(), entry.size);
+                    }
+                }
             }
             None => assert_eq!(entry.size, 0),
         }
     }
     // Data files of dropped eStargz metadata entries may remain besides these.
-    assert!(seen.is_subset(&ids));
+    let own: BTreeSet<u32> = seen
+        .iter()
+        .copied()
+        .filter(|&id| index.packed(imagefs::layer::DataRef { id }).is_none())
+        .collect();
+    assert!(own.is_subset(&ids));
 });
