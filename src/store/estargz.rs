@@ -1097,6 +1097,22 @@ mod tests {
             .with_read_around(0)
     }
 
+    /// The lazy layer opened again from the store alone (no request), no read-around.
+    fn reopen_sample(store: &Store, digest: &Digest, toc: &Digest) -> LazyLayer {
+        store
+            .load_lazy_layer(digest, Some(toc))
+            .unwrap()
+            .unwrap()
+            .with_read_around(0)
+    }
+
+    /// `blob` with one byte in the middle of chunk `c`'s compressed bytes flipped.
+    fn corrupt(blob: &[u8], c: &estargz::Chunk) -> Vec<u8> {
+        let mut bad = blob.to_vec();
+        bad[(c.offset + c.compressed_len / 2) as usize] ^= 0xff;
+        bad
+    }
+
     fn data_of(l: &LazyLayer, path: &str) -> DataRef {
         l.index
             .lock()
@@ -1131,11 +1147,7 @@ mod tests {
         // Reopened from the store with no network: the TOC and chunks are there.
         src.fail.store(1, Ordering::SeqCst);
         drop(l);
-        let l = store
-            .load_lazy_layer(&digest, Some(&toc))
-            .unwrap()
-            .unwrap()
-            .with_read_around(0);
+        let l = reopen_sample(&store, &digest, &toc);
         l.ensure(&src, big_ref, 0..300_000).await.unwrap();
         assert!(l.is_complete(big_ref));
         let small = data_of(&l, "small");
@@ -1167,10 +1179,7 @@ mod tests {
         let l = open_sample(&store, &src, &blob, &digest, &toc).await;
         let big_ref = data_of(&l, "big");
         let c = l.chunks.chunks(big_ref).unwrap()[1].clone();
-        let mut bad = blob.clone();
-        let mid = (c.offset + c.compressed_len / 2) as usize;
-        bad[mid] ^= 0xff;
-        let bad_src = MemRanges::new(bad);
+        let bad_src = MemRanges::new(corrupt(&blob, &c));
         assert!(
             l.ensure(&bad_src, big_ref, c.chunk_offset..c.chunk_offset + 1)
                 .await
@@ -1178,11 +1187,7 @@ mod tests {
         );
         assert_eq!(l.state().local, 0);
         drop(l);
-        let l = store
-            .load_lazy_layer(&digest, Some(&toc))
-            .unwrap()
-            .unwrap()
-            .with_read_around(0);
+        let l = reopen_sample(&store, &digest, &toc);
         assert_eq!(l.state().local, 0);
     }
 
@@ -1196,9 +1201,7 @@ mod tests {
         let big_ref = data_of(&l, "big");
         let chunks = l.chunks.chunks(big_ref).unwrap().to_vec();
         assert_eq!(chunks.len(), 3);
-        let mut bad = blob.clone();
-        bad[(chunks[1].offset + chunks[1].compressed_len / 2) as usize] ^= 0xff;
-        let bad_src = MemRanges::new(bad);
+        let bad_src = MemRanges::new(corrupt(&blob, &chunks[1]));
         // One request for the three chunks; the second fails verification.
         assert!(l.ensure(&bad_src, big_ref, 0..300_000).await.is_err());
         assert_eq!(bad_src.requests().len(), 1);
@@ -1206,11 +1209,7 @@ mod tests {
         let log = store.estargz_dir(&digest).join("present");
         assert_eq!(fs::metadata(&log).unwrap().len(), RECORD as u64);
         drop(l);
-        let l = store
-            .load_lazy_layer(&digest, Some(&toc))
-            .unwrap()
-            .unwrap()
-            .with_read_around(0);
+        let l = reopen_sample(&store, &digest, &toc);
         assert_eq!(l.state().local, 100_000, "and recorded");
         // The rest comes in one request, from where the kept chunk ends.
         l.ensure(&src, big_ref, 0..300_000).await.unwrap();

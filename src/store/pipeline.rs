@@ -830,15 +830,22 @@ mod tests {
     }
 
     fn layer() -> (Vec<u8>, Digest, Digest) {
-        let mut b = tar::Builder::new(Vec::new());
         let content: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
-        let mut h = tar::Header::new_gnu();
-        h.set_size(content.len() as u64);
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        b.append_data(&mut h, "f", &content[..]).unwrap();
+        layer_of(&[("f".into(), content)])
+    }
+
+    /// A gzip layer of regular files (mode 0644, root, mtime 0): (blob, digest, diff_id).
+    fn layer_of(files: &[(String, Vec<u8>)]) -> (Vec<u8>, Digest, Digest) {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, content) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(content.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            b.append_data(&mut h, name, &content[..]).unwrap();
+        }
         let tarball = b.into_inner().unwrap();
         let diff_id = Digest::sha256(&tarball);
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -881,21 +888,10 @@ mod tests {
     async fn small_files_are_packed_and_get_a_file_of_their_own_at_first_open() {
         use std::io::Read as _;
         use std::os::unix::fs::MetadataExt;
-        let mut b = tar::Builder::new(Vec::new());
-        let contents: Vec<Vec<u8>> = (1..=3u8).map(|i| vec![i; 1000 * i as usize]).collect();
-        for (i, content) in contents.iter().enumerate() {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(content.len() as u64);
-            h.set_mode(0o644);
-            b.append_data(&mut h, format!("f{i}"), &content[..])
-                .unwrap();
-        }
-        let tarball = b.into_inner().unwrap();
-        let diff_id = Digest::sha256(&tarball);
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        e.write_all(&tarball).unwrap();
-        let gz = e.finish().unwrap();
-        let digest = Digest::sha256(&gz);
+        let files: Vec<(String, Vec<u8>)> = (1..=3u8)
+            .map(|i| (format!("f{i}"), vec![i; 1000 * i as usize]))
+            .collect();
+        let (gz, digest, diff_id) = layer_of(&files);
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store
@@ -907,7 +903,7 @@ mod tests {
             .await
             .unwrap();
         let index = store.load_layer_index(&diff_id).unwrap();
-        for (entry, content) in index.entries.iter().zip(&contents) {
+        for (entry, (_, content)) in index.entries.iter().zip(&files) {
             let data = entry.data.unwrap();
             let at = index.packed(data).expect("a small file is packed");
             let own = store.data_path(&diff_id, data);
