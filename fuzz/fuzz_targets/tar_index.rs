@@ -89,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
             Some(d) => {
                 assert!(entry.size > 0);
                 assert!(seen.insert(d.id), "data id {} used twice", d.id);
-                match index.packed(d) {
+                match index.packed.get(d) {
                     Some(at) => {
                         assert_eq!(at.len, entry.size);
                         assert!(at.offset + at.len <= pack_len, "packed past the pack's end");
@@ -109,7 +109,7 @@ fuzz_target!(|data: &[u8]| {
     let own: BTreeSet<u32> = seen
         .iter()
         .copied()
-        .filter(|&id| index.packed(imagefs::layer::DataRef { id }).is_none())
+        .filter(|&id| index.packed.get(imagefs::layer::DataRef { id }).is_none())
         .collect();
     assert!(own.is_subset(&ids));
 });

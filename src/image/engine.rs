@@ -25,7 +25,7 @@ use super::resolve::{LAYER_CONCURRENCY, Resolved};
 use super::source::{RegistryRanges, RegistrySource, is_range_ignored};
 use crate::fs::{Backend, BackendError};
 use crate::layer::estargz::TOC_DIGEST_ANNOTATION;
-use crate::layer::index::{DataRef, PackedAt};
+use crate::layer::index::{DataRef, Packed};
 use crate::oci::Digest;
 use crate::overlay::Tree;
 use crate::store::{BlobSource, LayerEvent, LayerJob, LazyLayer, Store};
@@ -195,14 +195,14 @@ pub struct MountedImage {
     /// Single flight for the build: the first caller builds, the others wait here and then
     /// find the tree.
     building: Mutex<()>,
-    /// Per layer extracted whole (`None`: lazy), where its small files sit in its pack
-    /// (the index's [`LayerIndex::packed`](crate::layer::LayerIndex)), kept from the build.
-    /// Set together with `lazy`.
-    packed: OnceLock<Vec<Vec<Option<PackedAt>>>>,
+    /// Per layer, where its small files sit in its pack (the index's
+    /// [`LayerIndex::packed`](crate::layer::LayerIndex); empty for lazy layers), kept from
+    /// the build. Set together with `lazy`.
+    packed: OnceLock<Vec<Packed>>,
     /// Lazy layers extracted whole because the registry ignored Range, with their pack
     /// tables: their files are copied from the extracted layer. A std Mutex: held for map
     /// lookups only.
-    whole: Mutex<HashMap<u32, Arc<Vec<Option<PackedAt>>>>>,
+    whole: Mutex<HashMap<u32, Arc<Packed>>>,
     /// Single flight for those whole fetches; held across the fetch (a FUSE thread waits for
     /// the layer anyway).
     whole_flight: Mutex<()>,
@@ -461,18 +461,14 @@ impl MountedImage {
     fn ensure_from_whole(&self, layer: u32, l: &LazyLayer, data: DataRef) -> Result<(), Error> {
         let diff_id = &self.diff_ids()[layer as usize];
         let packed = self.extracted_whole(layer, diff_id)?;
-        let at = packed.get(data.id as usize).copied().flatten();
+        let at = packed.get(data);
         let content = self.store.open_data(diff_id, data, at)?;
         l.fill_from(data, &content)?;
         Ok(())
     }
 
     /// Lazy layer `layer` extracted whole through the store (once), and its pack table.
-    fn extracted_whole(
-        &self,
-        layer: u32,
-        diff_id: &Digest,
-    ) -> Result<Arc<Vec<Option<PackedAt>>>, Error> {
+    fn extracted_whole(&self, layer: u32, diff_id: &Digest) -> Result<Arc<Packed>, Error> {
         let known = || self.whole.lock().expect("whole lock").get(&layer).cloned();
         if let Some(p) = known() {
             return Ok(p);
@@ -562,8 +558,7 @@ impl MountedImage {
         let at = self
             .packed
             .get()
-            .and_then(|p| p.get(layer as usize)?.get(data.id as usize).copied())
-            .flatten();
+            .and_then(|p| p.get(layer as usize)?.get(data));
         Ok(self.store.open_data(diff_id, data, at)?)
     }
 }

@@ -165,6 +165,14 @@ fn write_holey(file: &mut File, data: &[u8]) -> io::Result<bool> {
     Ok(hole)
 }
 
+/// The bytes at `at` of the pack in the data directory `dir`.
+pub fn read_packed(dir: &Path, at: PackedAt) -> io::Result<Vec<u8>> {
+    let pack = File::open(dir.join(PACK))?;
+    let mut data = vec![0; at.len as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&pack, &mut data, at.offset)?;
+    Ok(data)
+}
+
 /// Give the packed file at `at` of the data directory `dir` a file of its own, `own`, if it
 /// has none yet: written under `tmp` (a directory on the same filesystem) and renamed into
 /// place, so a reader never sees it part-written and two racing callers both succeed.
@@ -172,9 +180,7 @@ pub fn unpack(dir: &Path, at: PackedAt, own: &Path, tmp: &Path) -> io::Result<()
     if own.exists() {
         return Ok(());
     }
-    let pack = File::open(dir.join(PACK))?;
-    let mut data = vec![0; at.len as usize];
-    std::os::unix::fs::FileExt::read_exact_at(&pack, &mut data, at.offset)?;
+    let data = read_packed(dir, at)?;
     let mut file = tempfile::Builder::new()
         .prefix(&format!("layer-{}-", std::process::id()))
         .tempfile_in(tmp)?;

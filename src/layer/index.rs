@@ -78,11 +78,27 @@ pub struct DataRef {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerIndex {
     pub entries: Vec<Entry>,
-    /// Per [`DataRef::id`], where a small file's content sits in the layer's pack file when
-    /// it was extracted into the pack rather than into a file of its own (`None`: its own
-    /// file). Empty for layers extracted before packs existed, and for lazy layers.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub packed: Vec<Option<PackedAt>>,
+    /// Where small files sit in the layer's pack file. Empty for layers extracted before
+    /// packs existed, and for lazy layers.
+    #[serde(default, skip_serializing_if = "Packed::is_empty")]
+    pub packed: Packed,
+}
+
+/// Per [`DataRef::id`], where a file's content sits in its layer's pack file when it was
+/// extracted into the pack rather than into a file of its own (`None`: its own file).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Packed(pub Vec<Option<PackedAt>>);
+
+impl Packed {
+    /// Where `data` is packed, if it is.
+    pub fn get(&self, data: DataRef) -> Option<PackedAt> {
+        self.0.get(data.id as usize).copied().flatten()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// A byte range of a layer's pack file holding one file's content.
@@ -97,13 +113,8 @@ impl LayerIndex {
     pub fn of(entries: Vec<Entry>) -> LayerIndex {
         LayerIndex {
             entries,
-            packed: Vec::new(),
+            packed: Packed::default(),
         }
-    }
-
-    /// Where `data` is packed, if it is.
-    pub fn packed(&self, data: DataRef) -> Option<PackedAt> {
-        self.packed.get(data.id as usize).copied().flatten()
     }
 }
 

@@ -12,7 +12,7 @@
 //! cannot climb above it. Nothing here touches the host outside `data_dir`, and data files
 //! are named by number, never by the entry's name, so no tar entry can write elsewhere.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
@@ -20,7 +20,9 @@ use tar::EntryType;
 
 use super::estargz;
 use super::extract::{Extractor, WriteError};
-use super::index::{DataRef, Entry, EntryKind, LayerIndex, PackedAt, Timespec, Xattr, clean_path};
+use super::index::{
+    DataRef, Entry, EntryKind, LayerIndex, Packed, PackedAt, Timespec, Xattr, clean_path,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
@@ -133,7 +135,10 @@ pub fn index_layer_bounded<R: Read>(
     if packed.iter().all(Option::is_none) {
         packed = Vec::new();
     }
-    Ok(LayerIndex { entries, packed })
+    Ok(LayerIndex {
+        entries,
+        packed: Packed(packed),
+    })
 }
 
 /// What a tar entry is, or `None` for entries that carry no file (global PAX headers).
@@ -517,13 +522,8 @@ fn parse_pax_time(v: &[u8]) -> Option<Timespec> {
 /// The content of `data` of a layer extracted into `dir` as `index` says: from the pack
 /// or from its own file.
 pub fn read_data(dir: &Path, index: &LayerIndex, data: DataRef) -> io::Result<Vec<u8>> {
-    match index.packed(data) {
-        Some(at) => {
-            let mut out = vec![0; at.len as usize];
-            let pack = File::open(dir.join(super::extract::PACK))?;
-            std::os::unix::fs::FileExt::read_exact_at(&pack, &mut out, at.offset)?;
-            Ok(out)
-        }
+    match index.packed.get(data) {
+        Some(at) => super::extract::read_packed(dir, at),
         None => std::fs::read(data_path(dir, data)),
     }
 }

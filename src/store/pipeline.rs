@@ -905,7 +905,7 @@ mod tests {
         let index = store.load_layer_index(&diff_id).unwrap();
         for (entry, (_, content)) in index.entries.iter().zip(&files) {
             let data = entry.data.unwrap();
-            let at = index.packed(data).expect("a small file is packed");
+            let at = index.packed.get(data).expect("a small file is packed");
             let own = store.data_path(&diff_id, data);
             assert!(!own.exists(), "no file of its own before it is opened");
             let mut got = Vec::new();
