@@ -15,7 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::index::PackedAt;
+use super::index::{DataRef, PackedAt};
 
 /// Files up to this size go to the pack.
 pub const SMALL: u64 = 256 << 10;
@@ -59,19 +59,20 @@ impl Extractor {
         }
     }
 
-    /// Write the next `size` bytes of `reader`: into the pack when small (returning where),
-    /// else into a new file `own` (which must not exist). An empty file writes nothing. A
+    /// Write the next `size` bytes of `reader`, the content of `data`: into the pack when
+    /// small (returning where), else into `data`'s own new file (which must not exist). An empty file writes nothing. A
     /// `Read` error is returned as `Ok(Err(_))`, a failure to write as `Err(_)`.
     pub fn write(
         &mut self,
         reader: &mut impl Read,
         size: u64,
-        own: PathBuf,
+        data: DataRef,
     ) -> Result<io::Result<Option<PackedAt>>, WriteError> {
         if size == 0 {
             return Ok(Ok(None));
         }
         if size > SMALL {
+            let own = super::tar::data_path(&self.dir, data);
             return Ok(self.stream(reader, size, own)?.map(|()| None));
         }
         let at = PackedAt {
@@ -216,9 +217,8 @@ mod tests {
         let mut placed = Vec::new();
         for (i, &n) in sizes.iter().enumerate() {
             let data = contents(n, i as u8);
-            let r = x
-                .write(&mut &data[..], n as u64, dir.path().join(i.to_string()))
-                .unwrap();
+            let id = DataRef { id: i as u32 };
+            let r = x.write(&mut &data[..], n as u64, id).unwrap();
             placed.push(r.unwrap());
         }
         x.finish().unwrap();
@@ -261,7 +261,7 @@ mod tests {
         let mut x = Extractor::new(dir.path());
         let mut data = vec![0u8; 4 * BUF];
         data[0] = 1;
-        let r = x.write(&mut &data[..], data.len() as u64, dir.path().join("0"));
+        let r = x.write(&mut &data[..], data.len() as u64, DataRef { id: 0 });
         assert_eq!(r.unwrap().unwrap(), None);
         x.finish().unwrap();
         let meta = std::fs::metadata(dir.path().join("0")).unwrap();
@@ -278,26 +278,24 @@ mod tests {
     fn a_short_reader_is_a_read_error_and_a_failed_write_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let mut x = Extractor::new(dir.path());
-        let r = x
-            .write(&mut &[1u8, 2][..], 3, dir.path().join("short"))
-            .unwrap();
+        let r = x.write(&mut &[1u8, 2][..], 3, DataRef { id: 0 }).unwrap();
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         // Nothing of the short file stays in the pack.
-        let r = x.write(&mut &[7u8; 10][..], 10, dir.path().join("1"));
+        let r = x.write(&mut &[7u8; 10][..], 10, DataRef { id: 1 });
         assert_eq!(r.unwrap().unwrap(), Some(PackedAt { offset: 0, len: 10 }));
         // A name that exists already cannot be created.
         let big = vec![7u8; SMALL as usize + 1];
-        std::fs::write(dir.path().join("taken"), b"x").unwrap();
+        std::fs::write(dir.path().join("2"), b"x").unwrap();
         let e = x
-            .write(&mut &big[..], big.len() as u64, dir.path().join("taken"))
+            .write(&mut &big[..], big.len() as u64, DataRef { id: 2 })
             .unwrap_err();
-        assert_eq!(e.path, dir.path().join("taken"));
+        assert_eq!(e.path, dir.path().join("2"));
         assert_eq!(e.source.kind(), io::ErrorKind::AlreadyExists);
         // Nor can the pack, when something took its name.
         let dir2 = tempfile::tempdir().unwrap();
         std::fs::write(dir2.path().join(PACK), b"x").unwrap();
         let mut x = Extractor::new(dir2.path());
-        x.write(&mut &[7u8; 10][..], 10, dir2.path().join("0"))
+        x.write(&mut &[7u8; 10][..], 10, DataRef { id: 0 })
             .unwrap()
             .unwrap();
         let e = x.finish().unwrap_err();

@@ -235,9 +235,9 @@ fn file_content<R: Read>(
         }?;
         return Ok((size, None));
     };
-    let file_path = data_path(dir, data);
     match sparse {
         Some(s) => {
+            let file_path = data_path(dir, data);
             let n = write_sparse(te, Some(&file_path), &s, bad)?;
             if n == 0 {
                 let _ = std::fs::remove_file(&file_path);
@@ -247,7 +247,7 @@ fn file_content<R: Read>(
         None => {
             let size = te.size();
             let at = out
-                .write(te, size, file_path)
+                .write(te, size, data)
                 .map_err(write_error)?
                 .map_err(|source| TarError::Read { source })?;
             Ok((size, at))

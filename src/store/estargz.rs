@@ -13,7 +13,8 @@
 //! Invariants: `toc.json` appears (atomically) only after the TOC matched the layer's
 //! `toc.digest` annotation. A chunk is recorded in `present` only after it decoded, matched its
 //! `chunkDigest` and its bytes were written into the data file and the filesystem synced
-//! (one `syncfs` per fetched batch); a torn last record is ignored. The module knows nothing of HTTP: ranges come through [`RangeSource`].
+//! (one `syncfs` per fetched batch); a torn last record is ignored. The module knows nothing
+//! of HTTP: ranges come through [`RangeSource`].
 //!
 //! Every byte is fetched once: readers ([`LazyLayer::ensure`]), the landmark prefetch and the
 //! background fill all go through one single-flight map of the chunks in flight. A caller
@@ -672,7 +673,7 @@ impl LazyLayer {
         n: u32,
         compressed: &[u8],
     ) -> Result<ChunkKey, StoreError> {
-        let c = &self.chunks.chunks(data).unwrap_or_default()[n as usize];
+        let c = self.chunk(data, n);
         let plain = decode_chunk(compressed, c).map_err(|e| StoreError::Layer {
             digest: self.digest.clone(),
             source: LayerFault::Chunk {
@@ -687,7 +688,7 @@ impl LazyLayer {
     /// Write chunk `n`'s verified bytes into the data file; [`LazyLayer::record`] makes
     /// them durable and records them.
     fn write_chunk(&self, data: DataRef, n: u32, plain: &[u8]) -> Result<ChunkKey, StoreError> {
-        let c = &self.chunks.chunks(data).unwrap_or_default()[n as usize];
+        let c = self.chunk(data, n);
         let path = self.data_path(data);
         let file = OpenOptions::new()
             .create(true)
@@ -846,10 +847,9 @@ impl LazyLayer {
     /// Make a file local from its plain content, taken from the layer extracted whole (which
     /// was verified by blob digest and diff_id): for registries that ignore Range.
     pub fn fill_from(&self, data: DataRef, content: &File) -> Result<(), StoreError> {
-        let chunks = self.chunks.chunks(data).unwrap_or_default();
         let missing = self.missing(data, 0..u64::MAX);
         self.write_then_record(missing, |&n| {
-            let c = &chunks[n as usize];
+            let c = self.chunk(data, n);
             let mut plain = vec![0u8; c.chunk_size as usize];
             content
                 .read_exact_at(&mut plain, c.chunk_offset)

@@ -554,8 +554,8 @@ fn pump(mut input: impl Read, tx: &SyncSender<io::Result<Vec<u8>>>, back: &Recei
     }
 }
 
-/// The second stage's view of the first: the blocks in order, then end of input when the
-/// first stage is done.
+/// A stage's output as the next one reads it: the blocks in order, then end of input when
+/// the stage is done.
 struct Staged {
     rx: Receiver<io::Result<Vec<u8>>>,
     back: SyncSender<Vec<u8>>,
