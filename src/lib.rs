@@ -13,7 +13,8 @@
 //! 7. [`fs`] serves that tree over FUSE; it is the only module that knows errno and inodes.
 //! 8. [`image`] is the engine front ends share: resolve a reference, serve a mounted image
 //!    (lazy layers, the merged tree, prefetch) as the `fs` backend.
-//! 9. [`cli`] wires it together for the `imagefs` binary.
+//! 9. [`snapshotter`] serves the engine to containerd as a remote snapshotter (gRPC).
+//! 10. [`cli`] wires it together for the `imagefs` binary.
 //!
 //! [`error::Chain`] shows an error with its causes; every error type keeps its cause in
 //! `source()`, not in its message.
@@ -30,4 +31,5 @@ pub mod overlay;
 pub mod reference;
 pub mod registry;
 pub mod retry;
+pub mod snapshotter;
 pub mod store;

@@ -9,6 +9,7 @@ mod layers;
 mod mount;
 mod progress;
 mod pull;
+mod snapshotter;
 mod units;
 
 use std::path::PathBuf;
@@ -130,6 +131,8 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// Unmount an imagefs mount point
     Umount(mount::UmountArgs),
+    /// Serve containerd's snapshots API: containers start from lazily served images
+    Snapshotter(snapshotter::SnapshotterArgs),
 }
 
 /// Run the parsed command line.
@@ -138,6 +141,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // Mount manages its own runtime (it may daemonise first).
         Command::Mount(args) => mount::run(&cli.global, args),
         Command::Umount(args) => mount::umount(args),
+        Command::Snapshotter(args) => snapshotter::run(&cli.global, args),
         command => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -149,7 +153,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Command::Inspect(a) => inspect::run(&ctx, a).await,
                     Command::Layers(a) => layers::run(&ctx, a).await,
                     Command::Cache(a) => cache::run(&ctx, a),
-                    Command::Mount(_) | Command::Umount(_) => unreachable!(),
+                    Command::Mount(_) | Command::Umount(_) | Command::Snapshotter(_) => {
+                        unreachable!()
+                    }
                 }
             });
             if result.is_err() {

@@ -43,12 +43,6 @@ pub struct MountArgs {
     /// Mount even if the mount point is not empty (its contents are hidden while mounted)
     #[arg(long)]
     pub nonempty: bool,
-    /// FUSE worker threads
-    #[arg(long, default_value_t = 8)]
-    pub threads: usize,
-    /// Do not use FUSE passthrough for local file data (serve reads with pread instead)
-    #[arg(long)]
-    pub no_passthrough: bool,
     /// Honour the image's setuid/setgid bits (off by default: an untrusted image's setuid
     /// programs would run with their owner's rights)
     #[arg(long, conflicts_with = "nosuid")]
@@ -65,6 +59,19 @@ pub struct MountArgs {
     /// Do not allow opening device nodes (the default)
     #[arg(long)]
     pub nodev: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// How an image is served: the flags `mount` and `snapshotter` share.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// FUSE worker threads
+    #[arg(long, default_value_t = 8)]
+    pub threads: usize,
+    /// Do not use FUSE passthrough for local file data (serve reads with pread instead)
+    #[arg(long)]
+    pub no_passthrough: bool,
     /// What to fetch of eStargz layers beyond the files read: `landmark`: at the first access,
     /// the files before `.prefetch.landmark` (one request per layer), then the rest in the
     /// background at low priority; `all`: everything in the background; `none`: nothing
@@ -80,6 +87,21 @@ pub struct MountArgs {
     /// to this much (the next files, as a tree walk reads them); 0 fetches only what is read
     #[arg(long, value_name = "SIZE", default_value_t = crate::store::READ_AROUND, value_parser = crate::cli::units::parse_size)]
     pub read_around: u64,
+}
+
+impl ServeArgs {
+    pub fn serve_options(&self, cache_max: Option<u64>) -> ServeOptions {
+        ServeOptions {
+            prefetch: match self.prefetch {
+                PrefetchArg::Landmark => Prefetch::Landmark,
+                PrefetchArg::All => Prefetch::All,
+                PrefetchArg::None => Prefetch::None,
+            },
+            require_toc_digest: self.require_toc_digest,
+            cache_max,
+            read_around: self.read_around,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -318,16 +340,7 @@ fn serve(
         resolver.source(&reference),
         resolved,
         rt.handle().clone(),
-        ServeOptions {
-            prefetch: match args.prefetch {
-                PrefetchArg::Landmark => Prefetch::Landmark,
-                PrefetchArg::All => Prefetch::All,
-                PrefetchArg::None => Prefetch::None,
-            },
-            require_toc_digest: args.require_toc_digest,
-            cache_max: ctx.cache_max,
-            read_around: args.read_around,
-        },
+        args.serve.serve_options(ctx.cache_max),
     ));
     // A cached image's tree needs no network: build it before mounting, so that the root's
     // attributes are the image's from the first `stat` (otherwise a placeholder, which the
@@ -343,12 +356,12 @@ fn serve(
     let opts = MountOptions {
         fs_name: format!("imagefs:{reference}"),
         allow_other: args.allow_other,
-        threads: args.threads.max(1),
-        passthrough: !args.no_passthrough,
+        threads: args.serve.threads.max(1),
+        passthrough: !args.serve.no_passthrough,
         nosuid: !(args.suid || args.rootfs),
         nodev: !(args.dev || args.rootfs),
     };
-    let mounted = crate::fs::mount(image, meta, &args.mountpoint, &opts)?;
+    let mounted = crate::fs::mount(image, Some(meta), &args.mountpoint, &opts)?;
     drop(lock);
     let unmounter = mounted.unmounter();
     rt.spawn(async move {

@@ -104,7 +104,7 @@ impl ImageFs {
 
     fn lookup_attr(&self, parent: INodeNo, name: &[u8]) -> Result<FileAttr, OpError> {
         if parent == INodeNo::ROOT
-            && let Some(i) = MetaTable::by_name(name)
+            && let Some(i) = self.meta.by_name(name)
         {
             return Ok(self.meta.attr(i));
         }
@@ -119,7 +119,7 @@ impl ImageFs {
 
     /// Attributes and how long they may be cached.
     fn getattr_ttl(&self, ino: INodeNo) -> Result<(FileAttr, Duration), OpError> {
-        if let Some(i) = MetaTable::by_ino(ino) {
+        if let Some(i) = self.meta.by_ino(ino) {
             return Ok((self.meta.attr(i), TTL));
         }
         // `stat` of the mountpoint must not start fetching every layer: until something else
@@ -148,7 +148,7 @@ impl ImageFs {
             return Err(OpError::NotDir);
         };
         let children = tree.children(inode);
-        let metas = if id == ROOT { meta::NAMES.len() } else { 0 };
+        let metas = if id == ROOT { self.meta.count() } else { 0 };
         let prefix = 2 + metas as u64;
         let end = prefix + children.len() as u64;
         for n in offset..end {
@@ -165,7 +165,7 @@ impl ImageFs {
                 n => {
                     let entry = &children[(n - prefix) as usize];
                     let (name, child) = (tree.name(entry), entry.ino);
-                    if metas > 0 && MetaTable::by_name(name).is_some() {
+                    if metas > 0 && self.meta.by_name(name).is_some() {
                         continue;
                     }
                     let node = tree.get(child).ok_or(OpError::NotFound)?;
@@ -180,7 +180,7 @@ impl ImageFs {
     }
 
     fn xattrs(&self, ino: INodeNo) -> Result<&[crate::layer::index::Xattr], OpError> {
-        if MetaTable::by_ino(ino).is_some() {
+        if self.meta.by_ino(ino).is_some() {
             return Ok(&[]);
         }
         let (_, _, inode) = self.inode(ino)?;
@@ -200,7 +200,7 @@ impl ImageFs {
                 .sum();
             Totals {
                 blocks,
-                files: (tree.inodes.len() + meta::NAMES.len()) as u64,
+                files: (tree.inodes.len() + self.meta.count()) as u64,
             }
         }))
     }
@@ -255,7 +255,7 @@ impl ImageFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return Err((OpError::ReadOnly, reply));
         }
-        if MetaTable::by_ino(ino).is_some() {
+        if self.meta.by_ino(ino).is_some() {
             reply.opened(FH_NONE, OPEN_FLAGS);
             return Ok(());
         }
@@ -310,7 +310,7 @@ impl ImageFs {
         size: u32,
         reply: ReplyData,
     ) -> Result<(), (OpError, ReplyData)> {
-        if let Some(i) = MetaTable::by_ino(ino) {
+        if let Some(i) = self.meta.by_ino(ino) {
             reply.data(window(self.meta.content(i), offset, size));
             return Ok(());
         }
@@ -623,7 +623,7 @@ impl Filesystem for ImageFs {
         let found = self.xattrs(ino).and_then(|xattrs| {
             let x = xattrs
                 .iter()
-                .find(|x| x.name == name.as_bytes())
+                .find(|x| x.name == name.as_bytes() && !meta::hidden_xattr(&x.name))
                 .ok_or(OpError::NoAttr)?;
             Ok(meta::sized(&x.value, size))
         });
@@ -926,12 +926,12 @@ mod tests {
         };
         let mut tree = Tree::new(vec![dir(ROOT), file(7), file(8), dir(ROOT)]);
         tree.set_children(ROOT, &[(b".digest", 1), (b"a", 2), (b"b", 3)]);
-        let meta = MetaTable::new(crate::fs::MetaFiles {
+        let meta = MetaTable::new(Some(crate::fs::MetaFiles {
             config: b"{}".to_vec(),
             manifest: b"{}".to_vec(),
             digest: "sha256:d".into(),
             id: "sha256:i".into(),
-        });
+        }));
         ImageFs::new(Arc::new(Fixed(tree, OnceLock::new())), meta, false)
     }
 

@@ -29,30 +29,40 @@ pub(crate) const NAMES: [&[u8]; 4] = [b".config.json", b".manifest.json", b".dig
 /// (`u32` ids + 1) never reach.
 const FIRST_INO: u64 = u64::MAX;
 
-/// The four files' contents, indexed like [`NAMES`].
+/// The four files' contents, indexed like [`NAMES`]; or none at all, for a mount that must
+/// show exactly the image's tree (a container's root filesystem).
 #[derive(Debug)]
 pub(crate) struct MetaTable {
-    contents: [Vec<u8>; 4],
+    contents: Option<[Vec<u8>; 4]>,
 }
 
 impl MetaTable {
-    pub(crate) fn new(meta: MetaFiles) -> MetaTable {
+    pub(crate) fn new(meta: Option<MetaFiles>) -> MetaTable {
         MetaTable {
-            contents: [
-                meta.config,
-                meta.manifest,
-                format!("{}\n", meta.digest).into_bytes(),
-                format!("{}\n", meta.id).into_bytes(),
-            ],
+            contents: meta.map(|meta| {
+                [
+                    meta.config,
+                    meta.manifest,
+                    format!("{}\n", meta.digest).into_bytes(),
+                    format!("{}\n", meta.id).into_bytes(),
+                ]
+            }),
         }
     }
 
+    /// How many meta files the root shows (4, or 0).
+    pub(crate) fn count(&self) -> usize {
+        self.contents.as_ref().map_or(0, |c| c.len())
+    }
+
     /// The meta file called `name` at the root.
-    pub(crate) fn by_name(name: &[u8]) -> Option<usize> {
+    pub(crate) fn by_name(&self, name: &[u8]) -> Option<usize> {
+        self.contents.as_ref()?;
         NAMES.iter().position(|n| *n == name)
     }
 
-    pub(crate) fn by_ino(ino: INodeNo) -> Option<usize> {
+    pub(crate) fn by_ino(&self, ino: INodeNo) -> Option<usize> {
+        self.contents.as_ref()?;
         let i = FIRST_INO.checked_sub(ino.0)?;
         (i < NAMES.len() as u64).then_some(i as usize)
     }
@@ -61,12 +71,13 @@ impl MetaTable {
         INodeNo(FIRST_INO - i as u64)
     }
 
+    /// Meta file `i`'s bytes; `i` comes from `by_name` or `by_ino`, so the table has files.
     pub(crate) fn content(&self, i: usize) -> &[u8] {
-        &self.contents[i]
+        self.contents.as_ref().map_or(&[], |c| &c[i])
     }
 
     pub(crate) fn attr(&self, i: usize) -> FileAttr {
-        readonly_file_attr(Self::ino(i), self.contents[i].len() as u64)
+        readonly_file_attr(Self::ino(i), self.content(i).len() as u64)
     }
 }
 
@@ -89,10 +100,19 @@ pub(crate) fn sized(value: &[u8], size: u32) -> Sized<'_> {
     }
 }
 
-/// The `listxattr(2)` list: every name followed by a NUL.
+/// Whether an image's xattr is kept from the kernel: `trusted.overlay.*`. overlayfs acts on
+/// those attributes of its lower directories (opaque, redirect, metacopy, origin), and a mount
+/// is a lower directory when it is a container's root filesystem; an untrusted image must not
+/// steer overlayfs. No image needs them: containers see overlay whiteouts and opaque
+/// directories only as the image format's `.wh.` entries, which the merge resolves.
+pub(crate) fn hidden_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.overlay.")
+}
+
+/// The `listxattr(2)` list: every name followed by a NUL (hidden ones left out).
 pub(crate) fn xattr_names(xattrs: &[Xattr]) -> Vec<u8> {
     let mut out = Vec::with_capacity(xattrs.iter().map(|x| x.name.len() + 1).sum());
-    for x in xattrs {
+    for x in xattrs.iter().filter(|x| !hidden_xattr(&x.name)) {
         out.extend_from_slice(&x.name);
         out.push(0);
     }
@@ -126,32 +146,47 @@ mod tests {
         };
         assert_eq!(xattr_names(&[]), b"");
         assert_eq!(
-            xattr_names(&[x(b"user.a"), x(b"security.capability")]),
+            xattr_names(&[
+                x(b"user.a"),
+                x(b"trusted.overlay.opaque"),
+                x(b"security.capability")
+            ]),
             b"user.a\0security.capability\0"
         );
+        assert!(hidden_xattr(b"trusted.overlay.redirect"));
+        assert!(!hidden_xattr(b"trusted.other"));
     }
 
     #[test]
     fn meta_inodes_round_trip_and_stay_out_of_the_tree_range() {
+        let t = MetaTable::new(Some(MetaFiles {
+            config: Vec::new(),
+            manifest: Vec::new(),
+            digest: String::new(),
+            id: String::new(),
+        }));
+        let none = MetaTable::new(None);
         for (i, name) in NAMES.iter().enumerate() {
             let ino = MetaTable::ino(i);
-            assert_eq!(MetaTable::by_ino(ino), Some(i));
+            assert_eq!(t.by_ino(ino), Some(i));
             assert!(ino.0 > u64::from(u32::MAX) + 1);
-            assert_eq!(MetaTable::by_name(name), Some(i));
+            assert_eq!(t.by_name(name), Some(i));
+            assert_eq!((none.by_ino(ino), none.by_name(name)), (None, None));
         }
-        assert_eq!(MetaTable::by_ino(INodeNo(1)), None);
-        assert_eq!(MetaTable::by_ino(INodeNo(u64::MAX - 4)), None);
-        assert_eq!(MetaTable::by_name(b".digest2"), None);
+        assert_eq!((t.count(), none.count()), (4, 0));
+        assert_eq!(t.by_ino(INodeNo(1)), None);
+        assert_eq!(t.by_ino(INodeNo(u64::MAX - 4)), None);
+        assert_eq!(t.by_name(b".digest2"), None);
     }
 
     #[test]
     fn digest_and_id_end_with_a_newline() {
-        let t = MetaTable::new(MetaFiles {
+        let t = MetaTable::new(Some(MetaFiles {
             config: b"{}".to_vec(),
             manifest: b"{\"m\":1}".to_vec(),
             digest: "sha256:aa".into(),
             id: "sha256:bb".into(),
-        });
+        }));
         assert_eq!(t.content(0), b"{}");
         assert_eq!(t.content(2), b"sha256:aa\n");
         assert_eq!(t.content(3), b"sha256:bb\n");

@@ -30,7 +30,9 @@ mod open;
 pub use backend::{Backend, BackendError};
 pub use meta::MetaFiles;
 
-pub use mountinfo::{IMAGEFS_FSTYPE, MountEntry, mount_at, mount_containing, mount_device};
+pub use mountinfo::{
+    IMAGEFS_FSTYPE, MountEntry, mount_at, mount_containing, mount_device, mounts_under,
+};
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -106,7 +108,7 @@ pub enum FsError {
 /// [`Mounted::run`] and call it from the thread that waits for the signal.
 pub fn serve(
     backend: Arc<dyn Backend>,
-    meta: MetaFiles,
+    meta: Option<MetaFiles>,
     mountpoint: &Path,
     opts: &MountOptions,
     on_ready: impl FnOnce(),
@@ -122,7 +124,7 @@ pub fn serve(
 /// Shutting down on SIGINT/SIGTERM:
 ///
 /// ```no_run
-/// # fn f(backend: std::sync::Arc<dyn imagefs::fs::Backend>, meta: imagefs::fs::MetaFiles,
+/// # fn f(backend: std::sync::Arc<dyn imagefs::fs::Backend>, meta: Option<imagefs::fs::MetaFiles>,
 /// #      opts: imagefs::fs::MountOptions) -> Result<(), imagefs::fs::FsError> {
 /// let mut mounted = imagefs::fs::mount(backend, meta, "/mnt/x".as_ref(), &opts)?;
 /// let unmounter = mounted.unmounter();
@@ -137,7 +139,7 @@ pub fn serve(
 /// ```
 pub fn mount(
     backend: Arc<dyn Backend>,
-    meta: MetaFiles,
+    meta: Option<MetaFiles>,
     mountpoint: &Path,
     opts: &MountOptions,
 ) -> Result<Mounted, FsError> {
@@ -300,6 +302,17 @@ impl Unmounter {
                 cause,
             }),
         }
+    }
+}
+
+/// Detach the imagefs mount at `mountpoint`, if mountinfo shows one there (and nothing else:
+/// any other filesystem is left alone): for a front end cleaning up after a previous run of
+/// its own, whose daemon is gone. `mountpoint` must be absolute and resolved. Returns whether
+/// there was one.
+pub fn detach_imagefs(mountpoint: &Path) -> io::Result<bool> {
+    match mount_at(mountpoint)? {
+        Some(e) if e.is_imagefs() => lazy_unmount(mountpoint).map(|()| true),
+        _ => Ok(false),
     }
 }
 

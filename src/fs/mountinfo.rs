@@ -71,6 +71,16 @@ pub fn mount_containing(path: &Path) -> io::Result<Option<MountEntry>> {
     Ok(best)
 }
 
+/// Every mount point at `dir` or below it (component-wise), in mount order. `dir` must be
+/// absolute and resolved.
+pub fn mounts_under(dir: &Path) -> io::Result<Vec<std::path::PathBuf>> {
+    let info = std::fs::read("/proc/self/mountinfo")?;
+    Ok(entries(&info)
+        .map(|e| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&e.mountpoint)))
+        .filter(|p| p.starts_with(dir))
+        .collect())
+}
+
 /// The `major:minor` of the mount at `mp` (the topmost, when mounts are stacked), or `None`
 /// when nothing is mounted there.
 pub fn mount_device(mp: &Path) -> io::Result<Option<String>> {

@@ -42,6 +42,7 @@ pub struct Resolver {
 }
 
 /// A reference resolved to one image: verified manifest and config bytes, all stored.
+#[derive(Clone)]
 pub struct Resolved {
     pub reference: Reference,
     /// Digest of the image manifest (for a multi-platform reference: the chosen entry).

@@ -8,6 +8,8 @@
 //! ```text
 //! images/sha256/<hex>.json   an image (by manifest digest): references, config, layers, last use
 //! mounts/<pid>.json          a live mount: its image; stale when the pid is gone
+//! pins/<owner>.json          images an owner needs kept whether it runs or not (the
+//!                            containerd snapshotter's remote snapshots)
 //! ```
 //!
 //! Deletion order keeps the store's invariants: an extracted layer or eStargz cache is
@@ -255,6 +257,55 @@ impl Store {
         Ok(MountRegistration { path })
     }
 
+    /// Keep `manifests` (images recorded in the store) from eviction on behalf of `owner`
+    /// until the next call with the same owner replaces the set; an empty set drops the pin.
+    /// Unlike a live mount, a pin holds while its owner is not running: a containerd
+    /// snapshotter's committed snapshots must stay servable across its restarts.
+    pub fn pin(&self, owner: &str, manifests: &BTreeSet<Digest>) -> Result<(), StoreError> {
+        let dir = self.root.join("pins");
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let path = dir.join(format!("{owner}.json"));
+        if manifests.is_empty() {
+            return match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
+                _ => Ok(()),
+            };
+        }
+        let bytes = serde_json::to_vec_pretty(manifests).expect("digests serialise");
+        self.write_atomic(&path, &bytes)
+    }
+
+    /// Every image a pin holds.
+    pub fn pinned(&self) -> BTreeSet<Digest> {
+        let Ok(dir) = fs::read_dir(self.root.join("pins")) else {
+            return BTreeSet::new();
+        };
+        dir.flatten()
+            .filter_map(|e| fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice::<BTreeSet<Digest>>(&b).ok())
+            .flatten()
+            .collect()
+    }
+
+    /// Images eviction must keep: those of live mounts and pins.
+    fn protected(&self) -> BTreeSet<Digest> {
+        let mut p = self.pinned();
+        p.extend(self.live_mounts().into_iter().map(|m| m.manifest));
+        p
+    }
+
+    /// Disk bytes a layer occupies in the store: its blob, extracted tree and eStargz cache.
+    pub fn layer_disk_bytes(&self, blob: &Digest, diff_id: &Digest) -> u64 {
+        [
+            self.blob_path(blob),
+            self.layer_dir(diff_id),
+            self.estargz_dir(blob),
+        ]
+        .iter()
+        .map(|p| disk_bytes(p))
+        .sum()
+    }
+
     /// Mounts whose daemon still runs; records of dead ones are removed.
     pub fn live_mounts(&self) -> Vec<LiveMount> {
         let Ok(dir) = fs::read_dir(self.root.join("mounts")) else {
@@ -370,8 +421,7 @@ impl Store {
         let _guard = self.lock("images")?;
         let images = self.images()?;
         let sizes = self.entry_sizes(&images);
-        let mut protected: BTreeSet<Digest> =
-            self.live_mounts().into_iter().map(|m| m.manifest).collect();
+        let mut protected = self.protected();
         protected.extend(keep.iter().cloned());
         let plan: Vec<(Digest, u64, Vec<String>)> = images
             .iter()
@@ -386,14 +436,31 @@ impl Store {
         let _guard = self.lock("images")?;
         let images = self.images()?;
         let cutoff = now_ms().saturating_sub(age.as_millis() as u64);
-        let protected: BTreeSet<Digest> =
-            self.live_mounts().into_iter().map(|m| m.manifest).collect();
+        let protected = self.protected();
         let evict: Vec<Digest> = images
             .iter()
             .filter(|r| r.last_used_ms < cutoff && !protected.contains(&r.manifest))
             .map(|r| r.manifest.clone())
             .collect();
         self.evict(&images, &evict)
+    }
+
+    /// Drop the record of `manifest` (and the tags naming it), leaving its entries for
+    /// [`Store::gc`] to reclaim unless another image uses them; not while a live mount or a
+    /// pin keeps it (`false` then). For an owner that recorded the image only to serve it
+    /// (the snapshotter, when its last snapshot of the image is removed).
+    pub fn forget_image(&self, manifest: &Digest) -> Result<bool, StoreError> {
+        let _guard = self.lock("images")?;
+        if self.protected().contains(manifest) {
+            return Ok(false);
+        }
+        let path = self.image_record_path(manifest);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&path)(e)),
+            _ => {}
+        }
+        self.drop_refs_to(manifest)?;
+        Ok(true)
     }
 
     /// Remove the records of `evict`, then every entry of theirs that no kept image uses.

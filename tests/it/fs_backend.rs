@@ -352,9 +352,10 @@ fn mount(setup: Setup) -> Mounted {
         let mountpoint = dir.path().to_path_buf();
         let opts = opts(&mountpoint, setup.passthrough);
         std::thread::spawn(move || {
-            let r = imagefs::fs::serve(backend, meta_files(), &mountpoint, &opts, move || {
-                ready_tx.send(()).unwrap()
-            });
+            let r =
+                imagefs::fs::serve(backend, Some(meta_files()), &mountpoint, &opts, move || {
+                    ready_tx.send(()).unwrap()
+                });
             let _ = done_tx.send(r);
         })
     };
@@ -993,7 +994,7 @@ fn unmounter_ends_run_and_detaches_a_busy_mount() {
     for busy in [false, true] {
         let mounted = imagefs::fs::mount(
             backend.clone(),
-            meta_files(),
+            Some(meta_files()),
             dir.path(),
             &opts(dir.path(), false),
         )
