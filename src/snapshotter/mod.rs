@@ -141,6 +141,7 @@ struct State {
 }
 
 struct View {
+    image: Arc<MountedImage>,
     unmounter: Unmounter,
     serving: std::thread::JoinHandle<()>,
 }
@@ -286,7 +287,8 @@ impl Snapshotter {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e.into());
         }
-        self.mounts_of(&mut st, key, &record)
+        let mounts = self.mounts_of(&mut st, key, &record)?;
+        self.answer(st, key, mounts)
     }
 
     fn prepare_remote(
@@ -426,16 +428,28 @@ impl Snapshotter {
             .get(key)
             .cloned()
             .ok_or_else(|| Error::NotFound(key.into()))?;
-        self.mounts_of(&mut st, key, &record)
+        let mounts = self.mounts_of(&mut st, key, &record)?;
+        self.answer(st, key, mounts)
     }
 
-    fn mounts_of(&self, st: &mut State, key: &str, r: &Record) -> Result<Vec<Mount>, Error> {
+    /// The mounts of snapshot `key`; a view whose only lower is a remote snapshot's view also
+    /// gets that view's image, whose tree the caller builds (outside the state lock) before
+    /// answering: a read-only view is looked at directly, and its root's attributes are the
+    /// image's only once the tree is built. (A container's root is overlayfs' upper directory:
+    /// an active snapshot needs nothing built before it starts.)
+    fn mounts_of(
+        &self,
+        st: &mut State,
+        key: &str,
+        r: &Record,
+    ) -> Result<(Vec<Mount>, Option<Arc<MountedImage>>), Error> {
         if r.kind == Kind::Committed {
             return Err(Error::FailedPrecondition(format!(
                 "snapshot {key:?} is committed: mount a view or an active snapshot of it"
             )));
         }
-        let lowers = self.lowers(st, &r.parent)?;
+        let (lowers, image) = self.lowers(st, &r.parent)?;
+        let build = image.filter(|_| r.kind == Kind::View && lowers.len() == 1);
         let dir = self.dir(r.id);
         let fs = dir.join("fs").display().to_string();
         let bind = |source: String, mode: &str| Mount {
@@ -447,7 +461,7 @@ impl Snapshotter {
         if overlay_has_index() {
             options.push("index=off".to_owned());
         }
-        Ok(vec![match (r.kind, lowers.len()) {
+        let mounts = vec![match (r.kind, lowers.len()) {
             (Kind::Active, 0) => bind(fs, "rw"),
             (Kind::View, 0) => bind(fs, "ro"),
             (Kind::View, 1) => bind(lowers[0].clone(), "ro"),
@@ -463,13 +477,37 @@ impl Snapshotter {
                     options,
                 }
             }
-        }])
+        }];
+        Ok((mounts, build))
+    }
+
+    /// Release the state lock, then build the tree a view's mounts wait for (see
+    /// [`Snapshotter::mounts_of`]).
+    fn answer(
+        &self,
+        st: std::sync::MutexGuard<'_, State>,
+        key: &str,
+        (mounts, build): (Vec<Mount>, Option<Arc<MountedImage>>),
+    ) -> Result<Vec<Mount>, Error> {
+        drop(st);
+        if let Some(image) = build {
+            image.tree().map_err(|e| Error::View {
+                key: key.into(),
+                reference: image.resolved().reference.to_string(),
+                source: e.into(),
+            })?;
+        }
+        Ok(mounts)
     }
 
     /// The lower directories of a snapshot on `parent`, top first: each local parent's
     /// directory, down to the first remote one, whose view (mounted now if it is not) holds
-    /// all of its own chain.
-    fn lowers(&self, st: &mut State, parent: &str) -> Result<Vec<String>, Error> {
+    /// all of its own chain; and that view's image.
+    fn lowers(
+        &self,
+        st: &mut State,
+        parent: &str,
+    ) -> Result<(Vec<String>, Option<Arc<MountedImage>>), Error> {
         let mut out = Vec::new();
         let mut key = parent.to_owned();
         while !key.is_empty() {
@@ -479,15 +517,14 @@ impl Snapshotter {
                 .cloned()
                 .ok_or_else(|| Error::NotFound(key.clone()))?;
             let fs = self.dir(r.id).join("fs");
+            out.push(fs.display().to_string());
             if let Some(remote) = &r.remote {
                 self.ensure_view(st, &key, r.id, remote)?;
-                out.push(fs.display().to_string());
-                break;
+                return Ok((out, st.views.get(&r.id).map(|v| v.image.clone())));
             }
-            out.push(fs.display().to_string());
             key = r.parent;
         }
-        Ok(out)
+        Ok((out, None))
     }
 
     /// Mount the view of remote snapshot `id` unless it is mounted.
@@ -541,8 +578,8 @@ impl Snapshotter {
             nosuid: false,
             nodev: false,
         };
-        let mounted =
-            crate::fs::mount(image, None, &mountpoint, &opts).map_err(|e| view_err(e.into()))?;
+        let mounted = crate::fs::mount(image.clone(), None, &mountpoint, &opts)
+            .map_err(|e| view_err(e.into()))?;
         let unmounter = mounted.unmounter();
         let name = format!("view-{id}");
         let serving = std::thread::Builder::new()
@@ -554,7 +591,14 @@ impl Snapshotter {
             })
             .map_err(io_err(&mountpoint))?;
         tracing::info!(snapshot = key, path = %mountpoint.display(), "view mounted");
-        st.views.insert(id, View { unmounter, serving });
+        st.views.insert(
+            id,
+            View {
+                image,
+                unmounter,
+                serving,
+            },
+        );
         Ok(())
     }
 

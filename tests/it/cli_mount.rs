@@ -76,7 +76,7 @@ fn assert_meta_files_present(m: &Mount) {
 // The images
 
 /// The layers that exercise every overlay rule, base first.
-fn rule_layers() -> [Vec<Entry>; 3] {
+pub(crate) fn rule_layers() -> [Vec<Entry>; 3] {
     let ns = |secs: i64, nanos: u32| (secs, nanos);
     let (t1, n1) = ns(1_700_000_000, 123_456_789);
     let long_dir = "long/".to_owned() + &"d".repeat(90);

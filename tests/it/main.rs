@@ -23,6 +23,7 @@ mod cli_faults;
 mod cli_mount;
 mod cli_pull;
 mod client_adversary;
+mod containerd;
 mod estargz;
 mod fs_backend;
 mod harness;

@@ -31,6 +31,7 @@ pub use push::{
 pub use registry::{AccessLine, Auth, Registry};
 pub use token::{TOKEN_PASS, TOKEN_USER, TokenIssuer, TokenRequest};
 pub mod adversary;
+pub mod containerd;
 pub mod mounts;
 pub mod oracle;
 pub mod sparse;

@@ -86,6 +86,16 @@ pub fn mountinfo(path: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Every mount point at or below `dir` (resolved), in mount order.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    text.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|mp| PathBuf::from(OsStr::from_bytes(&unescape(mp))))
+        .filter(|mp| mp.starts_with(dir))
+        .collect()
+}
+
 /// Whether anything is mounted at `path`.
 pub fn is_mounted(path: &Path) -> bool {
     !mountinfo(path).is_empty()
