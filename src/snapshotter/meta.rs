@@ -138,6 +138,19 @@ impl Meta {
         self.records.iter()
     }
 
+    /// The committed snapshot containerd looks for after a remote `Prepare`: labelled with
+    /// `containerd.io/snapshot.ref` = `target`, on `parent`.
+    pub fn committed_target(&self, target: &str, parent: &str) -> Option<&str> {
+        self.records
+            .iter()
+            .find(|(_, r)| {
+                r.kind == Kind::Committed
+                    && r.parent == parent
+                    && r.labels.get(super::TARGET_REF).map(String::as_str) == Some(target)
+            })
+            .map(|(k, _)| k.as_str())
+    }
+
     /// Whether any snapshot has `key` as its parent.
     pub fn has_children(&self, key: &str) -> bool {
         self.records.values().any(|r| r.parent == key)
@@ -238,6 +251,14 @@ mod tests {
         assert_eq!(keys, ["c2", "k1"]);
         assert_eq!(m.get("c2").unwrap().kind, Kind::Committed);
         assert!(m.has_children("k1") && !m.has_children("c2"));
+        let mut remote = record(4, "k1");
+        remote.kind = Kind::Committed;
+        remote
+            .labels
+            .insert(super::super::TARGET_REF.into(), "sha256:t".into());
+        m.put("sha256:t", remote, None).unwrap();
+        assert_eq!(m.committed_target("sha256:t", "k1"), Some("sha256:t"));
+        assert_eq!(m.committed_target("sha256:t", "other"), None);
         assert_eq!(
             m.allocate_id().unwrap(),
             3,

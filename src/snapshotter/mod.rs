@@ -69,6 +69,8 @@ pub enum Error {
     InvalidArgument(String),
     #[error(transparent)]
     Meta(#[from] MetaError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("{}", path.display())]
     Io {
         path: PathBuf,
@@ -163,10 +165,16 @@ impl Snapshotter {
         options: Options,
     ) -> Result<Snapshotter, Error> {
         let root = &options.root;
+        // Views are mounted suid and dev for containers: nobody but root may reach them, and
+        // nobody but root may change what the snapshots hold. The cache's own rule.
+        // SAFETY: geteuid has no preconditions.
+        crate::store::check_cache_dir(root, unsafe { libc::geteuid() })?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(root.join("snapshots"))
+            .map_err(io_err(root))?;
+        std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(io_err(root))?;
         let root = root.canonicalize().map_err(io_err(root))?;
         let meta = Meta::open(&root.join("metadata.redb"))?;
@@ -211,11 +219,15 @@ impl Snapshotter {
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>, Error> {
         if let (Some(target), Some(source)) = (labels.get(TARGET_REF), source_of(&labels)) {
+            if self
+                .state
+                .lock()
+                .expect("state lock")
+                .meta
+                .committed_target(target, parent)
+                .is_some()
             {
-                let st = self.state.lock().expect("state lock");
-                if st.meta.get(target).is_some() {
-                    return Err(Error::AlreadyExists(target.clone()));
-                }
+                return Err(Error::AlreadyExists(target.clone()));
             }
             match self.prepare_remote(target, parent, &source, &labels) {
                 Ok(()) => return Err(Error::AlreadyExists(target.clone())),
@@ -310,8 +322,18 @@ impl Snapshotter {
             diff_id: resolved.config.rootfs.diff_ids[layer].clone(),
         };
         let mut st = self.state.lock().expect("state lock");
-        if st.meta.get(target).is_some() {
+        if st.meta.committed_target(target, parent).is_some() {
             return Ok(());
+        }
+        // Named by the chain id, as containerd would name it; a second containerd namespace
+        // unpacking the same layers on other parents gets a snapshot of its own (containerd
+        // finds it by label and parent, not by name).
+        let name = match st.meta.get(target) {
+            None => target.to_owned(),
+            Some(_) => format!("{target}@{parent}"),
+        };
+        if st.meta.get(&name).is_some() {
+            return Err(format!("a snapshot named {name:?} exists").into());
         }
         if !parent.is_empty()
             && st
@@ -339,9 +361,9 @@ impl Snapshotter {
             updated_ns: now,
             remote: Some(remote),
         };
-        st.meta.put(target, record, None)?;
+        st.meta.put(&name, record, None)?;
         self.repin(&st.meta)?;
-        tracing::info!(snapshot = target, layer, image = %resolved.reference, "remote snapshot");
+        tracing::info!(snapshot = name, layer, image = %resolved.reference, "remote snapshot");
         Ok(())
     }
 
@@ -411,13 +433,7 @@ impl Snapshotter {
             .records()
             .filter_map(|(_, r)| Some(r.remote.as_ref()?.manifest.clone()))
             .collect();
-        self.resolver
-            .store
-            .pin(&self.pin_owner, &manifests)
-            .map_err(|e| Error::Io {
-                path: self.resolver.store.root().join("pins"),
-                source: io::Error::other(e),
-            })
+        Ok(self.resolver.store.pin(&self.pin_owner, &manifests)?)
     }
 
     /// `Mounts`: how to mount an active snapshot or a view.
@@ -876,6 +892,146 @@ fn disk_usage(path: &Path, seen: &mut std::collections::HashSet<(u64, u64)>, byt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A snapshotter on a fresh store and root; no registry is ever asked.
+    fn open(dir: &Path, rt: &tokio::runtime::Runtime) -> Snapshotter {
+        let store = crate::store::Store::open(dir.join("cache")).unwrap();
+        let resolver = Resolver {
+            store,
+            client: crate::registry::Client::new(Default::default()).unwrap(),
+            platform: crate::oci::Platform::host(),
+            platform_explicit: false,
+            offline: true,
+            limits: Default::default(),
+        };
+        let options = Options {
+            root: dir.join("root"),
+            serve: ServeOptions {
+                prefetch: crate::image::Prefetch::None,
+                require_toc_digest: false,
+                cache_max: None,
+                read_around: 0,
+            },
+            threads: 1,
+            passthrough: false,
+        };
+        Snapshotter::open(resolver, rt.handle().clone(), options).unwrap()
+    }
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn fs_of(s: &Snapshotter, key: &str) -> String {
+        let id = s.stat(key).unwrap().record.id;
+        s.dir(id).join("fs").display().to_string()
+    }
+
+    #[test]
+    fn local_snapshots_follow_containerds_overlayfs_rules_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let s = open(dir.path(), &rt);
+        let m = s.prepare("a", "", BTreeMap::new()).unwrap();
+        assert_eq!(
+            (m[0].kind.as_str(), &m[0].options[..]),
+            ("bind", &["rw".to_string(), "rbind".into()][..])
+        );
+        assert!(matches!(
+            s.prepare("a", "", BTreeMap::new()),
+            Err(Error::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            s.prepare("x", "nope", BTreeMap::new()),
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            s.prepare("x", "a", BTreeMap::new()),
+            Err(Error::InvalidArgument(_))
+        ));
+        s.commit("c1", "a", labels(&[("l", "1")])).unwrap();
+        assert!(matches!(s.stat("a"), Err(Error::NotFound(_))));
+        assert!(matches!(s.mounts("c1"), Err(Error::FailedPrecondition(_))));
+
+        let m = s.prepare("b", "c1", BTreeMap::new()).unwrap();
+        let b = s.stat("b").unwrap().record.id;
+        assert_eq!(m[0].kind, "overlay");
+        let want_tail = [
+            format!("workdir={}", s.dir(b).join("work").display()),
+            format!("upperdir={}", fs_of(&s, "b")),
+            format!("lowerdir={}", fs_of(&s, "c1")),
+        ];
+        assert!(m[0].options.ends_with(&want_tail), "{:?}", m[0].options);
+        s.commit("c2", "b", BTreeMap::new()).unwrap();
+        let v1 = s.view("v1", "c1", BTreeMap::new()).unwrap();
+        assert_eq!(
+            (v1[0].kind.as_str(), v1[0].source.clone()),
+            ("bind", fs_of(&s, "c1"))
+        );
+        assert_eq!(v1[0].options, ["ro", "rbind"]);
+        let v2 = s.view("v2", "c2", BTreeMap::new()).unwrap();
+        let lower = format!("lowerdir={}:{}", fs_of(&s, "c2"), fs_of(&s, "c1"));
+        assert_eq!(v2[0].options.last(), Some(&lower));
+        assert!(!v2[0].options.iter().any(|o| o.starts_with("upperdir")));
+
+        assert!(matches!(s.remove("c1"), Err(Error::FailedPrecondition(_))));
+        let u = s
+            .update(
+                "c1",
+                labels(&[("l", "2"), ("m", "3")]),
+                &["labels.l".into()],
+            )
+            .unwrap();
+        assert_eq!(u.record.labels, labels(&[("l", "2")]));
+        assert!(matches!(
+            s.update("c1", BTreeMap::new(), &["parent".into()]),
+            Err(Error::InvalidArgument(_))
+        ));
+        let names = |f: &[&str]| -> Vec<String> {
+            let f: Vec<String> = f.iter().map(|s| s.to_string()).collect();
+            s.list(&f).unwrap().into_iter().map(|i| i.name).collect()
+        };
+        assert_eq!(names(&[]), ["c1", "c2", "v1", "v2"]);
+        assert_eq!(names(&["kind==view"]), ["v1", "v2"]);
+        assert_eq!(names(&["parent==c1,kind==committed"]), ["c2"]);
+
+        let c2 = s.stat("c2").unwrap().record.id;
+        std::fs::write(s.dir(c2).join("fs/file"), vec![1u8; 10_000]).unwrap();
+        let (bytes, inodes) = s.usage("c2").unwrap();
+        assert!(bytes >= 10_000 && inodes == 2, "{bytes} {inodes}");
+
+        // An orphaned directory (a crash between mkdir and the record) goes at Cleanup.
+        std::fs::create_dir_all(s.dir(999).join("fs")).unwrap();
+        assert_eq!(s.cleanup().unwrap(), 1);
+        assert!(!s.dir(999).exists());
+
+        s.remove("v2").unwrap();
+        assert!(!s.dir(s_id(&s, "v1")).join("work").exists());
+        drop(s);
+        let s = open(dir.path(), &rt);
+        assert_eq!(names_of(&s), ["c1", "c2", "v1"]);
+        s.remove("v1").unwrap();
+        s.remove("c2").unwrap();
+        s.remove("c1").unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("root/snapshots"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    fn s_id(s: &Snapshotter, key: &str) -> u64 {
+        s.stat(key).unwrap().record.id
+    }
+
+    fn names_of(s: &Snapshotter) -> Vec<String> {
+        s.list(&[]).unwrap().into_iter().map(|i| i.name).collect()
+    }
 
     #[test]
     fn chain_ids_follow_the_image_spec() {

@@ -107,7 +107,9 @@ fn status(e: &Error) -> Status {
         Error::NotFound(_) => Status::not_found(msg),
         Error::FailedPrecondition(_) => Status::failed_precondition(msg),
         Error::InvalidArgument(_) => Status::invalid_argument(msg),
-        Error::Meta(_) | Error::Io { .. } | Error::View { .. } => Status::unknown(msg),
+        Error::Meta(_) | Error::Store(_) | Error::Io { .. } | Error::View { .. } => {
+            Status::unknown(msg)
+        }
     }
 }
 
