@@ -388,6 +388,110 @@ fn a_gzip_image_is_fetched_on_first_access_once() {
     for (d, _) in &blobs {
         assert_eq!(registry.blob_fetches(d), 1, "layer {d} fetched once");
     }
+    let tree = c.ctr(&["snapshots", "--snapshotter", SNAP, "tree"]);
+    tree.assert_success();
+    let top = top_chain_id(&registry, "whole:v1");
+    assert!(
+        tree.stdout_str().contains(&format!("\\_ {top}")),
+        "the top layer's snapshot is its base's child:\n{}",
+        tree.stdout_str()
+    );
+}
+
+/// The CRI plugin's labels (`cri.image-ref`, `cri.layer-digest`, `cri.manifest-digest`),
+/// through the library without containerd (Debian has no CRI client): each layer becomes a
+/// remote snapshot named by its chain id, and a container snapshot on top mounts the view.
+#[test]
+fn cri_labels_make_remote_snapshots() {
+    use imagefs::snapshotter::{self, Error, Options, Snapshotter};
+    use std::collections::BTreeMap;
+    let registry = Registry::start(Auth::Anonymous);
+    let image = two_layers(0);
+    registry.push_image("cri", "v1", &image);
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = imagefs::store::Store::open(dir.path().join("cache")).unwrap();
+    let resolver = imagefs::image::Resolver {
+        store,
+        client: imagefs::registry::Client::new(Default::default()).unwrap(),
+        platform: imagefs::oci::Platform::host(),
+        platform_explicit: false,
+        offline: false,
+        limits: Default::default(),
+    };
+    let options = Options {
+        root: dir.path().join("root"),
+        serve: imagefs::image::ServeOptions {
+            prefetch: imagefs::image::Prefetch::None,
+            require_toc_digest: false,
+            cache_max: None,
+            read_around: 0,
+        },
+        threads: 2,
+        passthrough: true,
+    };
+    let s = Snapshotter::open(resolver, rt.handle().clone(), options).unwrap();
+    let manifest = image.manifest.digest.clone();
+    let layers = layers_of(&registry, "cri:v1");
+    let mut parent = String::new();
+    for (i, (digest, _)) in layers.iter().enumerate() {
+        let diff_ids: Vec<imagefs::oci::Digest> = image.layers[..=i]
+            .iter()
+            .map(|l| l.diff_id.parse().unwrap())
+            .collect();
+        let chain = snapshotter::chain_id(&diff_ids).to_string();
+        let labels = BTreeMap::from([
+            (snapshotter::TARGET_REF.to_string(), chain.clone()),
+            (
+                snapshotter::CRI_IMAGE_REF.to_string(),
+                registry.reference("cri:v1"),
+            ),
+            (snapshotter::CRI_LAYER_DIGEST.to_string(), digest.clone()),
+            (
+                snapshotter::CRI_MANIFEST_DIGEST.to_string(),
+                manifest.clone(),
+            ),
+        ]);
+        let r = s.prepare(&format!("extract-{i}"), &parent, labels);
+        assert!(matches!(r, Err(Error::AlreadyExists(_))), "{r:?}");
+        let info = s.stat(&chain).unwrap();
+        assert_eq!(info.record.parent, parent);
+        assert!(info.record.remote.is_some());
+        parent = chain;
+    }
+    for (d, _) in &layers {
+        assert_eq!(
+            registry.blob_fetches(d),
+            0,
+            "nothing fetched before a container reads"
+        );
+    }
+    let m = s.prepare("container", &parent, BTreeMap::new()).unwrap();
+    let lower = m[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap()
+        .to_owned();
+    assert!(
+        crate::support::mounts::is_imagefs_mounted(Path::new(&lower)),
+        "{lower} is the view"
+    );
+    assert_eq!(
+        fs::read_to_string(Path::new(&lower).join("etc/motd")).unwrap(),
+        "from layer 2\n"
+    );
+    assert!(
+        !Path::new(&lower).join(".manifest.json").exists(),
+        "no meta files in a view"
+    );
+    s.remove("container").unwrap();
+    s.remove(&parent).unwrap();
+    assert!(
+        !crate::support::mounts::is_mounted(Path::new(&lower)),
+        "removal unmounts the view"
+    );
+    s.shutdown();
 }
 
 /// Every rule the merge knows (whiteouts, opaque directories, hardlinks across layers,
