@@ -217,6 +217,15 @@ pub struct MountedImage {
 /// reader's consumption of this one.
 pub const READ_AHEAD: u64 = 8 << 20;
 
+/// How long after the first access (the tree build) the background fill of lazy layers
+/// waits before its first request. A program's or a container's start reads in bursts with
+/// gaps longer than the readers' quiet period (`store::estargz::READERS_QUIET`: runc setting
+/// the container up, a shell starting the next program), and a fill slipping into those gaps
+/// held the start back: containerd's `ctr run … cat` of an eStargz image took 0.90–1.05 s
+/// with the fill, 0.58–0.60 s without (2 cores, docs/benchmarks-notes.md). The readers' own
+/// fetches, the landmark prefetch included, do not wait.
+pub const FILL_START: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Files whose last read end is remembered; past it the table starts over (a reader that
 /// loses its entry only misses one read-ahead).
 const READ_ENDS_MAX: usize = 4096;
@@ -362,8 +371,9 @@ impl MountedImage {
         futures_util::future::join_all(fetches).await;
     }
 
-    /// One background task per lazy layer, yielding to readers (see [`LazyLayer::fill`]); they
-    /// end with the runtime at unmount.
+    /// One background task per lazy layer, starting [`FILL_START`] after the tree is built
+    /// and yielding to readers (see [`LazyLayer::fill`]); they end with the runtime at
+    /// unmount.
     fn start_prefetch(&self) {
         // Offline, there is nothing to fetch from.
         if self.options.prefetch == Prefetch::None || self.source.offline {
@@ -372,6 +382,7 @@ impl MountedImage {
         for l in self.lazy.get().into_iter().flatten().flatten() {
             let (l, ranges) = (l.clone(), self.ranges.clone());
             self.rt.spawn(async move {
+                tokio::time::sleep(FILL_START).await;
                 let started = std::time::Instant::now();
                 match l.fill(&*ranges).await {
                     Ok(()) => tracing::info!(
