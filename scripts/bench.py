@@ -6,8 +6,9 @@ Builds the bench images in code (examples/bench_image.rs), serves them from a lo
 A/B runs alternate, each side starts cold when the row says so (empty cache or output
 directory, then `echo 3 > /proc/sys/vm/drop_caches`). Every figure is the median of RUNS
 runs with its min and max; ratios are imagefs / peer medians (for throughput rows: peer time
-/ imagefs time, i.e. imagefs speed as a fraction of the peer's). Everything it starts is
-stopped on exit.
+/ imagefs time, i.e. imagefs speed as a fraction of the peer's). Rows C have three sides:
+containerd with the imagefs snapshotter, with stargz-snapshotter, and alone (overlayfs).
+Everything it starts is stopped on exit.
 """
 
 import argparse
@@ -27,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from stargz_peer import StargzPeer  # noqa: E402
+from stargz_peer import StargzPeer, PeerError, mountpoints, umount_under, _terminate, _under  # noqa: E402
 IMAGEFS = ROOT / "target/release/imagefs"
 GEN = ROOT / "target/release/examples/bench_image"
 
@@ -54,6 +55,134 @@ def timed(cmd):
     t = time.perf_counter()
     sh(cmd)
     return time.perf_counter() - t
+
+
+class Ctd:
+    """A private containerd (Debian's 1.6; own root, state, sockets and config under `work`,
+    nothing on TCP) for rows C: with `snapshotter=True`, `imagefs snapshotter` beside it as
+    its proxy plugin `imagefs` (cache and snapshotter root under `work`, default options),
+    else only its built-in snapshotters (overlayfs, the default). stop() stops both, any shim
+    left and unmounts everything under `work`."""
+
+    def __init__(self, work, snapshotter, args=()):
+        self.work = Path(work)
+        self.snapshotter = snapshotter
+        self.args = list(args)  # after `snapshotter`
+        self.sock = self.work / "c.sock"
+        self.procs = {}
+
+    def _spawn(self, name, argv):
+        with open(self.work / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                                stderr=log, start_new_session=True)
+
+    def _wait(self, name, sock, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                raise PeerError(f"{name} exited while starting:\n{self.log(name)}")
+            if sock.exists():
+                return
+            time.sleep(0.02)
+        raise PeerError(f"{name} did not create {sock} in {timeout} s:\n{self.log(name)}")
+
+    def log(self, name):
+        try:
+            return "\n".join((self.work / f"{name}.log").read_text(errors="replace").splitlines()[-30:])
+        except OSError:
+            return "(no log)"
+
+    def start(self):
+        self.work.mkdir(parents=True, exist_ok=True)
+        w = self.work
+        proxy = (f'[proxy_plugins.imagefs]\n  type = "snapshot"\n  address = "{w}/s.sock"\n'
+                 if self.snapshotter else "")
+        (w / "config.toml").write_text(f"""\
+version = 2
+root = "{w}/root"
+state = "{w}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.aufs"]
+[grpc]
+  address = "{self.sock}"
+[ttrpc]
+  address = "{self.sock}.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{w}/opt"
+{proxy}""")
+        try:
+            if self.snapshotter:
+                self._spawn("snapshotter", [str(IMAGEFS), "--cache-dir", str(w / "cache"),
+                                            "snapshotter", "--address", str(w / "s.sock")] + self.args)
+                self._wait("snapshotter", w / "s.sock")
+            self._spawn("containerd", ["containerd", "--config", str(w / "config.toml"),
+                                       "--log-level", "warn"])
+            self._wait("containerd", self.sock)
+            want = "imagefs" if self.snapshotter else "overlayfs"
+            deadline = time.monotonic() + 30
+            while True:
+                out = subprocess.run(["ctr", "--address", str(self.sock), "plugins", "ls"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
+                if any(l.split()[:2] == ["io.containerd.snapshotter.v1", want] and l.split()[-1] == "ok"
+                       for l in out.splitlines()):
+                    break
+                if time.monotonic() > deadline:
+                    raise PeerError(f"containerd does not list the {want} snapshotter as ok:\n{out}")
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self):
+        stop_ctd(self.sock, self.work, self.procs.pop("containerd", None))
+        p = self.procs.pop("snapshotter", None)
+        if p is not None:  # SIGTERM: it unmounts its views
+            _terminate(p.pid, 15, p)
+        umount_under(self.work)
+
+
+def stop_ctd(sock, work, popen):
+    """Kill the tasks a containerd at `sock` still runs, stop it (if `popen`), and any shim
+    of it left (a shim's command line names the socket, which is under `work`)."""
+    if Path(sock).exists() and (popen is None or popen.poll() is None):
+        ctr = ["ctr", "--address", str(sock)]
+
+        def q(*a):
+            try:
+                return subprocess.run(ctr + list(a), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                      text=True, timeout=60).stdout
+            except subprocess.TimeoutExpired:
+                return ""
+        for tid in q("task", "ls", "-q").split():
+            log(f"killing a task left in the containerd in {work}: {tid}")
+            q("task", "kill", "-s", "SIGKILL", tid)
+            time.sleep(0.2)
+            q("task", "delete", "-f", tid)
+    if popen is not None:
+        _terminate(popen.pid, 15, popen)
+    needle = str(work).encode()
+    for pid, argv in processes():
+        if argv[0].endswith(b"containerd-shim-runc-v2") and any(needle in a for a in argv):
+            log(f"stopping a shim left by the containerd in {work}: {pid}")
+            _terminate(pid, 15)
+
+
+def processes():
+    """(pid, argv) of every process whose command line can be read."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0]:
+            yield int(d.name), argv
 
 
 class Stat:
@@ -102,6 +231,11 @@ class Bench:
 
     def cleanup(self):
         self.umount_all()
+        if getattr(self, "ctd", None):
+            try:
+                self.ctd.stop()
+            except Exception as e:  # keep cleaning up
+                log(f"stopping a containerd: {e}")
         if getattr(self, "peer", None):
             try:
                 self.peer.stop()
@@ -130,16 +264,8 @@ class Bench:
 
     def daemon_pid(self):
         needle = str(self.mnt).encode()
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                argv = (d / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if argv and argv[0].endswith(b"imagefs") and b"mount" in argv and needle in argv:
-                return int(d.name)
-        return None
+        return next((pid for pid, argv in processes()
+                     if argv[0].endswith(b"imagefs") and b"mount" in argv and needle in argv), None)
 
     def imagefs(self, args):
         return f"{IMAGEFS} {args}"
@@ -651,6 +777,121 @@ class Bench:
             "`mount -t overlay` of it; cold = its state and caches deleted and daemons restarted "
             "(a new StargzPeer on empty directories), caches dropped")
 
+    # -- containerd: imagefs snapshotter, stargz-snapshotter, overlayfs -------------------------
+
+    def ctd_first_output(self, sock, pull, snapshotter, ref, log_file):
+        """`pull` (argv after `--address SOCK`), then `ctr run [--snapshotter S] --rm REF c cat
+        /etc/os-release`: seconds from the start of the pull to the container's first output
+        byte. The container runs to its end (and is deleted) before this returns."""
+        pfx = ["--address", str(sock)]
+        with open(log_file, "ab") as err:
+            t0 = time.perf_counter()
+            r = subprocess.run([pull[0]] + pfx + pull[1:], stdin=subprocess.DEVNULL,
+                               stdout=err, stderr=err, timeout=600)
+            if r.returncode != 0:
+                raise PeerError(f"`{' '.join(pull)}` failed ({r.returncode}); see {log_file}")
+            tp = time.perf_counter()
+            snap = ["--snapshotter", snapshotter] if snapshotter else []
+            p = subprocess.Popen(["ctr"] + pfx + ["run"] + snap + ["--rm", ref, "c", "cat", "/etc/os-release"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+            try:
+                first = p.stdout.read(1)
+                t1 = time.perf_counter()
+                out = first + p.stdout.read()
+                p.wait(timeout=120)
+            except BaseException:
+                p.kill()
+                p.wait()
+                raise
+        if p.returncode != 0 or b"imagefs-bench" not in out:
+            raise PeerError(f"`ctr run … cat /etc/os-release` ({snapshotter or 'overlayfs'}) failed "
+                            f"({p.returncode}), output {out[:200]!r}; see {log_file}")
+        log(f"  {snapshotter or 'overlayfs'}: pull {tp - t0:.3f} s + run to the first output {t1 - tp:.3f} s")
+        return t1 - t0
+
+    def containerd_rows(self, keys):
+        """Rows C1 (realistic-estargz) and C2 (realistic-gzip): containerd with the imagefs
+        snapshotter (default options: prefetch landmark) against containerd with
+        stargz-snapshotter (default config) and containerd's own pull + unpack into overlayfs:
+        from the start of the pull to the first output of `ctr run … cat /etc/os-release`,
+        cold; and the layer blob bytes the registry served. Each side of each run gets new
+        daemons on new directories; they are stopped as soon as the container has exited."""
+        sh(f"bash {ROOT}/scripts/stargz-peer-build")
+        tags = [(k, t) for k, t in [("C1", "realistic-estargz"), ("C2", "realistic-gzip")] if k in keys]
+        res = {}
+        for key, tag in tags:
+            ref = self.ref(tag)
+            digests = self.layer_digests(tag)
+
+            def side(start, stop, sock, pull, snapshotter, d):
+                def run():
+                    start()
+                    drop_caches()
+                    since = self.access_log_lines()
+                    try:
+                        t = self.ctd_first_output(sock(), pull, snapshotter, ref, d / "ctr.log")
+                    finally:
+                        stop()
+                    time.sleep(0.2)  # the registry logs a response a moment after its last byte
+                    return t, self.blob_bytes_served(since, digests)
+                return run
+
+            def imagefs_side():
+                d = self.new_dir("ctd-imagefs")
+                self.ctd = Ctd(d, snapshotter=True)
+                return side(self.ctd.start, self.ctd.stop, lambda: self.ctd.sock,
+                            ["ctr-remote", "image", "rpull", "--plain-http", "--snapshotter", "imagefs", ref],
+                            "imagefs", d)()
+
+            def stargz_side():
+                d = self.new_dir("ctd-sgz")
+                self.peer = StargzPeer(d, self.addr)
+
+                def stop():
+                    stop_ctd(self.peer.ctd_sock, d, None)  # tasks and shims; the rest is the peer's
+                    self.peer.stop()
+                return side(self.peer.start, stop, lambda: self.peer.ctd_sock,
+                            ["ctr-remote", "image", "rpull", "--plain-http", "--snapshotter", "stargz", ref],
+                            "stargz", d)()
+
+            def overlay_side():
+                d = self.new_dir("ctd-overlay")
+                self.ctd = Ctd(d, snapshotter=False)
+                return side(self.ctd.start, self.ctd.stop, lambda: self.ctd.sock,
+                            ["ctr", "image", "pull", "--plain-http", ref], None, d)()
+
+            sides = [imagefs_side, stargz_side, overlay_side]
+            # One untimed round first, as in `ab`.
+            for f in sides:
+                f()
+            got = [[] for _ in sides]
+            for i in range(self.runs):
+                for f, g in zip(sides, got):
+                    g.append(f())
+                log(f"{key} run {i + 1}: " + ", ".join(
+                    f"{n} {g[-1][0]:.3f} s {g[-1][1]:,} B" for n, g in zip(["imagefs", "stargz", "overlayfs"], got)))
+            res[key] = ([Stat(t for t, _ in g) for g in got], [Stat(b for _, b in g) for g in got],
+                        self.blob_size(tag))
+        self.ctd = None
+        self.peer = None
+        left = [mp for mp, _ in mountpoints() if _under(mp, self.work)]
+        if left:
+            raise SystemExit(f"bench: left mounted after rows C: {left}")
+        self.rows["C"] = res
+        version = sh("containerd --version").split()[2]
+        self.commands["C"] = (
+            f"imagefs --cache-dir NEW snapshotter --address SOCK (defaults: prefetch landmark) as "
+            f"proxy_plugins.imagefs of a private containerd {version}; timed: ctr-remote image rpull "
+            f"--plain-http --snapshotter imagefs REF, then ctr run --snapshotter imagefs --rm REF c cat "
+            f"/etc/os-release up to its first output byte",
+            "the same with containerd-stargz-grpc (default config, scripts/peers/stargz-grpc) as "
+            "proxy_plugins.stargz and --snapshotter stargz; and containerd alone: ctr image pull "
+            "--plain-http REF (fetch + unpack into overlayfs), then ctr run --rm REF c cat "
+            "/etc/os-release. Every side of every run: new daemons on new directories (containerd "
+            "root and state, imagefs cache, stargz root), then caches dropped; bytes: layer blob "
+            "bytes in the registry's access log from the start of the pull until the daemons were "
+            "stopped, right after the container exited")
+
     # -- criterion --------------------------------------------------------------------------
 
     def criterion(self):
@@ -799,6 +1040,29 @@ class Bench:
             lines.append(f"| S6 | tree20k-estargz: mount + `find` + `tar` of every file, cold | {a.fmt()} | {b.fmt()} | {a.median / b.median:.2f}× | < 1× | {ok(a.median < b.median)} |")
             a, b = s["6'"]
             lines.append(f"| S6′ | daemon RSS after it | {a.fmt('MiB', digits=1)} | {b.fmt('MiB', digits=1)} | {a.median / b.median:.2f}× | ≤ 64 MB, < 1× | {ok(a.max <= 64 / 1.048576 and a.median < b.median)} |")
+        if "C" in r:
+            lines.append("\n### containerd: imagefs snapshotter, stargz-snapshotter, overlayfs (same registry, same run)\n")
+            lines.append("From the start of the pull (`ctr-remote image rpull` for the two remote snapshotters, "
+                         "`ctr image pull` for overlayfs) to the first output of `ctr run … cat /etc/os-release`, "
+                         "cold: new containerd root and state, new imagefs cache, new stargz root, caches dropped; "
+                         "runs interleave the three. Bytes: layer blob bytes the registry served from the start "
+                         "of the pull until the daemons were stopped, right after the container exited "
+                         "(background fetches cut there).\n")
+            lines.append("| # | metric | imagefs | stargz-snapshotter | overlayfs (`ctr image pull`) | imagefs / stargz | imagefs / overlayfs | target | met |")
+            lines.append("|---|---|---|---|---|---|---|---|---|")
+            for key, what in [("C1", "realistic-estargz"), ("C2", "realistic-gzip")]:
+                if key not in r["C"]:
+                    continue
+                (a, b, c), (ba, bb, bc), total = r["C"][key]
+                qs, qo = a.median / b.median, a.median / c.median
+                target, met = ("< 1× stargz, ≤ 0.3× overlayfs", qs < 1 and qo <= 0.3) if key == "C1" else \
+                    ("< 1× stargz", qs < 1)
+                lines.append(f"| {key} | pull → first output of `ctr run … cat /etc/os-release`, {what}, cold | "
+                             f"{a.fmt()} | {b.fmt()} | {c.fmt()} | {qs:.2f}× | {qo:.2f}× | {target} | {ok(met)} |")
+                fb = lambda s: f"{s.median:,.0f} B = {s.median / total:.3f}× ({s.min:,.0f}–{s.max:,.0f})"
+                rb = lambda x, y: f"{x.median / y.median:.2f}×" if y.median else "—"
+                lines.append(f"| {key}′ | registry bytes for it (layer blobs: {total:,} B) | {fb(ba)} | {fb(bb)} | "
+                             f"{fb(bc)} | {rb(ba, bb)} | {rb(ba, bc)} | — | — |")
         lines.append("\n## Commands\n")
         for key, (a, b) in self.commands.items():
             lines.append(f"- row {key}: imagefs: `{a}`" + (f"; peer: `{b}`" if b else ""))
@@ -824,7 +1088,7 @@ def main():
     p.add_argument("--out", default=str(ROOT / "docs/benchmarks.md"))
     p.add_argument("--quick", action="store_true", help="skip the 1 GiB image and criterion")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--only", default="", help="comma-separated rows to run, e.g. 1,7")
+    p.add_argument("--only", default="", help="comma-separated rows to run, e.g. 1,7 or S,C1,C2")
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (FUSE mounts, chroot, drop_caches)")
@@ -861,6 +1125,8 @@ def main():
             b.row_many()
         if run("S"):
             b.stargz_rows()
+        if run("C1") or run("C2"):
+            b.containerd_rows([k for k in ("C1", "C2") if run(k)])
         crit = b.criterion() if want is None else None
         b.write(crit, started)
     finally:

@@ -93,6 +93,17 @@ def _socket_answers(path):
         s.close()
 
 
+def umount_under(top):
+    """Unmount everything mounted at or below `top`, last mounted first; PeerError if
+    anything stays."""
+    for mp, _ in reversed(mountpoints()):
+        if _under(mp, top):
+            _umount(mp)
+    left = [mp for mp, _ in mountpoints() if _under(mp, top)]
+    if left:
+        raise PeerError(f"still mounted after stop: {left}")
+
+
 class StargzPeer:
     def __init__(self, work: Path, registry_addr: str, log_level: str = "info",
                  extra_stargz_config: str = ""):
@@ -226,12 +237,7 @@ insecure = true
                 _terminate(p.pid, 15, p)
                 (self.work / f"{name}.pid").unlink(missing_ok=True)
         self._kill_stale()  # daemons of an earlier StargzPeer on this work dir
-        for mp, _ in reversed(mountpoints()):
-            if _under(mp, self.work):
-                _umount(mp)
-        left = [mp for mp, _ in mountpoints() if _under(mp, self.work)]
-        if left:
-            raise PeerError(f"still mounted after stop: {left}")
+        umount_under(self.work)
 
     def reset(self):
         """Cold state: stop, delete containerd's and stargz' state (content, snapshots, caches),
