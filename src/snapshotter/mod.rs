@@ -142,6 +142,15 @@ struct State {
     views: HashMap<u64, View>,
 }
 
+impl State {
+    fn record(&self, key: &str) -> Result<Record, Error> {
+        self.meta
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(key.into()))
+    }
+}
+
 struct View {
     image: Arc<MountedImage>,
     unmounter: Unmounter,
@@ -439,11 +448,7 @@ impl Snapshotter {
     /// `Mounts`: how to mount an active snapshot or a view.
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, Error> {
         let mut st = self.state.lock().expect("state lock");
-        let record = st
-            .meta
-            .get(key)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(key.into()))?;
+        let record = st.record(key)?;
         let mounts = self.mounts_of(&mut st, key, &record)?;
         self.answer(st, key, mounts)
     }
@@ -527,11 +532,7 @@ impl Snapshotter {
         let mut out = Vec::new();
         let mut key = parent.to_owned();
         while !key.is_empty() {
-            let r = st
-                .meta
-                .get(&key)
-                .cloned()
-                .ok_or_else(|| Error::NotFound(key.clone()))?;
+            let r = st.record(&key)?;
             let fs = self.dir(r.id).join("fs");
             out.push(fs.display().to_string());
             if let Some(remote) = &r.remote {
@@ -626,11 +627,7 @@ impl Snapshotter {
         labels: BTreeMap<String, String>,
     ) -> Result<(), Error> {
         let mut st = self.state.lock().expect("state lock");
-        let mut r = st
-            .meta
-            .get(key)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(key.into()))?;
+        let mut r = st.record(key)?;
         if r.kind != Kind::Active {
             return Err(Error::FailedPrecondition(format!(
                 "snapshot {key:?} is not active"
@@ -649,11 +646,7 @@ impl Snapshotter {
     /// `Remove`: a snapshot without children; a remote one's view is unmounted first.
     pub fn remove(&self, key: &str) -> Result<(), Error> {
         let mut st = self.state.lock().expect("state lock");
-        let r = st
-            .meta
-            .get(key)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(key.into()))?;
+        let r = st.record(key)?;
         if st.meta.has_children(key) {
             return Err(Error::FailedPrecondition(format!(
                 "snapshot {key:?} has children: remove them first"
@@ -715,14 +708,11 @@ impl Snapshotter {
 
     /// `Stat`.
     pub fn stat(&self, key: &str) -> Result<Info, Error> {
-        let st = self.state.lock().expect("state lock");
-        st.meta
-            .get(key)
-            .map(|r| Info {
-                name: key.into(),
-                record: r.clone(),
-            })
-            .ok_or_else(|| Error::NotFound(key.into()))
+        let record = self.state.lock().expect("state lock").record(key)?;
+        Ok(Info {
+            name: key.into(),
+            record,
+        })
     }
 
     /// `Update`: only labels change. `paths` empty or `labels`: replace them all;
@@ -734,11 +724,7 @@ impl Snapshotter {
         paths: &[String],
     ) -> Result<Info, Error> {
         let mut st = self.state.lock().expect("state lock");
-        let mut r = st
-            .meta
-            .get(key)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(key.into()))?;
+        let mut r = st.record(key)?;
         if paths.is_empty() || paths.iter().any(|p| p == "labels") {
             r.labels = labels;
         } else {
