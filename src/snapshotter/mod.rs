@@ -413,21 +413,26 @@ impl Snapshotter {
                     r
                 }
             };
-            let Some(i) = resolved
+            // The same blob may be several layers of one image (old images repeat an empty
+            // layer): the right one is the one whose chain id containerd asked for.
+            let diff_ids = &resolved.config.rootfs.diff_ids;
+            let mut positions = resolved
                 .manifest
                 .layers
                 .iter()
-                .position(|l| l.digest == source.layer)
-            else {
+                .enumerate()
+                .filter(|(_, l)| l.digest == source.layer)
+                .map(|(i, _)| i)
+                .peekable();
+            if positions.peek().is_none() {
                 continue;
-            };
-            let chain = chain_id(&resolved.config.rootfs.diff_ids[..=i]);
-            if chain.to_string() == target {
+            }
+            if let Some(i) = positions.find(|&i| chain_id(&diff_ids[..=i]).to_string() == target) {
                 return Ok((resolved, i));
             }
             if fresh {
                 return Err(format!(
-                    "layer {} of {} has chain id {chain}, containerd expects {target}",
+                    "no layer {} of {} has the chain id containerd expects, {target}",
                     source.layer, resolved.reference
                 )
                 .into());

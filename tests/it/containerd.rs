@@ -401,12 +401,20 @@ fn a_gzip_image_is_fetched_on_first_access_once() {
 /// The CRI plugin's labels (`cri.image-ref`, `cri.layer-digest`, `cri.manifest-digest`),
 /// through the library without containerd (Debian has no CRI client): each layer becomes a
 /// remote snapshot named by its chain id, and a container snapshot on top mounts the view.
+/// The image has one blob twice (as old images repeat an empty layer): the second is found
+/// by its chain id.
 #[test]
 fn cri_labels_make_remote_snapshots() {
     use imagefs::snapshotter::{self, Error, Options, Snapshotter};
     use std::collections::BTreeMap;
     let registry = Registry::start(Auth::Anonymous);
-    let image = two_layers(0);
+    let motd = vec![Entry::file("etc/motd", "from layer 2\n")];
+    let image = image(vec![
+        base_layer(0),
+        motd.clone(),
+        vec![Entry::dir("opt")],
+        motd,
+    ]);
     registry.push_image("cri", "v1", &image);
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
