@@ -352,6 +352,17 @@ pub fn short(d: &Digest) -> String {
     d.hex()[..12].to_owned()
 }
 
+/// Returns once the process got SIGTERM or SIGINT: a daemon's cue to stop serving.
+pub async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_hosts_toml;

@@ -365,13 +365,7 @@ fn serve(
     drop(lock);
     let unmounter = mounted.unmounter();
     rt.spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        common::terminated().await;
         tracing::info!("signal received, unmounting");
         let _ = tokio::task::spawn_blocking(move || {
             if let Err(e) = unmounter.unmount() {

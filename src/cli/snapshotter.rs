@@ -53,13 +53,7 @@ pub fn run(g: &GlobalOpts, args: SnapshotterArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot open the snapshotter at {}", root.display()))?,
     );
     let shutdown = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        super::common::terminated().await;
         tracing::info!("signal received, shutting down");
     };
     let served = rt.block_on(service::serve(snapshotter.clone(), &args.address, shutdown));

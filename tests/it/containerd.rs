@@ -16,8 +16,8 @@ use crate::support::containerd::Containerd;
 use crate::support::oracle::Oracle;
 use crate::support::tree;
 use crate::support::{
-    Auth, Cmd, Compression, Entry, Format, Image, ImageBuilder, Layer, Registry, noise,
-    skopeo_inspect_raw,
+    Auth, Cmd, Compression, Entry, Format, Image, ImageBuilder, Layer, Registry, manifest_layers,
+    noise, skopeo_inspect_raw,
 };
 
 const SNAP: &str = "imagefs";
@@ -98,19 +98,7 @@ fn convert_to_estargz(c: &Containerd, registry: &Registry, src: &str, dst: &str)
 
 /// The layer digests and sizes of `repo_ref`'s manifest, as the registry serves it.
 fn layers_of(registry: &Registry, repo_ref: &str) -> Vec<(String, u64)> {
-    let m: serde_json::Value =
-        serde_json::from_slice(&skopeo_inspect_raw(registry, repo_ref)).unwrap();
-    m["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            (
-                l["digest"].as_str().unwrap().into(),
-                l["size"].as_u64().unwrap(),
-            )
-        })
-        .collect()
+    manifest_layers(&skopeo_inspect_raw(registry, repo_ref))
 }
 
 /// The chain id of `repo_ref`'s top layer: the name of its committed snapshot.

@@ -21,7 +21,7 @@ use crate::support::adversary::{Adversary, Recorded, Reply};
 use crate::support::mounts::{Mount, TIMEOUT, wait_until};
 use crate::support::{
     AccessLine, Auth, Compression, Entry, Format, ImageBuilder, Imagefs, Layer, Registry,
-    fixture_path, noise, skopeo_copy_fixture,
+    fixture_path, manifest_layers, noise, skopeo_copy_fixture,
 };
 
 /// Chunk size of the written images: big enough that kernel readahead inside the middle
@@ -35,19 +35,7 @@ const NO_PREFETCH: &[&str] = &["--prefetch", "none", "--read-around", "0"];
 /// (digest, size) of every layer of the mounted image, from `.manifest.json` (a meta file:
 /// reading it fetches nothing).
 fn layers_of(m: &Mount) -> Vec<(String, u64)> {
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&fs::read(m.p(".manifest.json")).unwrap()).unwrap();
-    manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            (
-                l["digest"].as_str().unwrap().to_owned(),
-                l["size"].as_u64().unwrap(),
-            )
-        })
-        .collect()
+    manifest_layers(&fs::read(m.p(".manifest.json")).unwrap())
 }
 
 /// The GETs of blob `digest` in the access log.

@@ -28,6 +28,22 @@ use sha2::{Digest as _, Sha256};
 pub const DEFAULT_MTIME: i64 = 1_704_067_200;
 
 /// `sha256:HEX` of `bytes`.
+/// `(digest, size)` of every layer an image manifest (JSON bytes) lists, base first.
+pub fn manifest_layers(manifest: &[u8]) -> Vec<(String, u64)> {
+    let m: serde_json::Value = serde_json::from_slice(manifest).expect("a manifest");
+    m["layers"]
+        .as_array()
+        .expect("a manifest with layers")
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_owned(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }

@@ -22,7 +22,7 @@ pub mod token;
 pub use cmd::{Cmd, Imagefs, Output};
 pub use image::{
     Compression, Document, Entry, Format, Image, ImageBuilder, Index, IndexBuilder, Layer,
-    Platform, noise, sha256_digest,
+    Platform, manifest_layers, noise, sha256_digest,
 };
 pub use push::{
     block_on, fixture_path, fixtures_dir, skopeo_copy_fixture, skopeo_copy_to_schema1,
