@@ -1073,6 +1073,7 @@ mod tests {
                 chunk_size: 100_000,
                 landmark: Landmark::NoPrefetch,
                 legacy_footer: false,
+                compression: 9,
             },
         )
         .unwrap();
@@ -1236,6 +1237,7 @@ mod tests {
                 chunk_size: 100_000,
                 landmark: Landmark::Prefetch { after: 1 },
                 legacy_footer: false,
+                compression: 9,
             },
         )
         .unwrap();
@@ -1277,6 +1279,7 @@ mod tests {
             chunk_size: 100_000,
             landmark: Landmark::NoPrefetch,
             legacy_footer: false,
+            compression: 9,
         };
         let entries = [
             file("a", noise(1)),

@@ -125,6 +125,7 @@ pub(crate) fn written() -> Written {
             chunk_size: CHUNK,
             landmark: Landmark::NoPrefetch,
             legacy_footer: false,
+            compression: 9,
         },
     )
     .expect("an eStargz layer");
@@ -312,6 +313,7 @@ fn a_walk_over_small_files_takes_their_neighbours_along_in_few_requests() {
         chunk_size: CHUNK,
         landmark: Landmark::NoPrefetch,
         legacy_footer: false,
+        compression: 9,
     };
     let w = build(&entries, &options).expect("an eStargz layer");
     let registry = Registry::start(Auth::Anonymous);

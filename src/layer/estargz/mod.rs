@@ -343,6 +343,7 @@ mod tests {
                 chunk_size: 1024,
                 landmark: Landmark::NoPrefetch,
                 legacy_footer: false,
+                compression: 9,
             },
         )
         .unwrap();

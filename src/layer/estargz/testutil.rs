@@ -303,6 +303,7 @@ pub(crate) fn written() -> Written {
             chunk_size: CHUNK,
             landmark: Landmark::NoPrefetch,
             legacy_footer: false,
+            compression: 9,
         },
     )
     .unwrap()

@@ -456,13 +456,12 @@ pub(super) fn parse_rfc3339(s: &str) -> Option<Timespec> {
     })
 }
 
-/// `sec` as `YYYY-MM-DDTHH:MM:SSZ`, as Go's writer formats `modtime` (whole seconds, UTC);
+/// `sec` and `nsec` as `YYYY-MM-DDTHH:MM:SS[.fraction]Z`: whole seconds as Go's writer
+/// formats `modtime`, a fraction only when there is one (Go's RFC 3339 parser reads it);
 /// `None` outside the years 0 to 9999, which RFC 3339 cannot write.
-pub(super) fn format_rfc3339(sec: i64) -> Option<String> {
-    OffsetDateTime::from_unix_timestamp(sec)
-        .ok()?
-        .format(&Rfc3339)
-        .ok()
+pub(super) fn format_rfc3339(sec: i64, nsec: u32) -> Option<String> {
+    let t = OffsetDateTime::from_unix_timestamp(sec).ok()?;
+    t.replace_nanosecond(nsec).ok()?.format(&Rfc3339).ok()
 }
 
 #[cfg(test)]
@@ -515,12 +514,19 @@ mod tests {
             253_402_300_799,
             -62_135_596_800,
         ] {
-            let text = format_rfc3339(sec).unwrap();
+            let text = format_rfc3339(sec, 0).unwrap();
             assert_eq!(parse_rfc3339(&text).map(|t| t.sec), Some(sec), "{text}");
+            let text = format_rfc3339(sec, 123_456_789).unwrap();
+            let t = parse_rfc3339(&text).unwrap();
+            assert_eq!((t.sec, t.nsec), (sec, 123_456_789), "{text}");
         }
         assert_eq!(
-            format_rfc3339(1_704_067_200).unwrap(),
+            format_rfc3339(1_704_067_200, 0).unwrap(),
             "2024-01-01T00:00:00Z"
+        );
+        assert_eq!(
+            format_rfc3339(1_704_067_200, 500_000_000).unwrap(),
+            "2024-01-01T00:00:00.5Z"
         );
     }
 

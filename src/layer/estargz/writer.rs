@@ -12,8 +12,9 @@
 //! out; a file's content is passed whole, as a slice. It must not know the registry or the
 //! store: bytes out through [`std::io::Write`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Write};
+use std::sync::{Arc, Mutex, mpsc};
 
 use base64::Engine as _;
 use serde::Serialize;
@@ -48,17 +49,78 @@ pub struct WriterOptions {
     pub landmark: Landmark,
     /// Write the 47-byte legacy stargz footer.
     pub legacy_footer: bool,
+    /// gzip level, 0 to 9.
+    pub compression: u32,
 }
 
 impl Default for WriterOptions {
-    /// 4 MiB chunks, `.no.prefetch.landmark`, the eStargz footer.
+    /// 4 MiB chunks, `.no.prefetch.landmark`, the eStargz footer, gzip level 9 (the
+    /// reference writer's default).
     fn default() -> WriterOptions {
         WriterOptions {
             chunk_size: 4 << 20,
             landmark: Landmark::default(),
             legacy_footer: false,
+            compression: 9,
         }
     }
+}
+
+/// Threads that compress gzip members for any number of [`Writer`]s. Every member of an
+/// eStargz blob is a gzip stream of its own, so members compress independently and the
+/// blob parallelises where one gzip stream cannot; the writer puts them back in order.
+/// Cheap to clone; the threads end when the last clone is dropped.
+#[derive(Clone)]
+pub struct Pool {
+    jobs: mpsc::Sender<Job>,
+    threads: usize,
+}
+
+struct Job {
+    data: Vec<u8>,
+    level: u32,
+    done: mpsc::SyncSender<io::Result<Vec<u8>>>,
+}
+
+impl Pool {
+    /// `threads` compressor threads (at least one).
+    pub fn new(threads: usize) -> Pool {
+        let threads = threads.max(1);
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("estargz-gzip-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only while waiting for the next job.
+                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(job) = job else { return };
+                        // The writer may have given up (an error): nobody to tell.
+                        let _ = job.done.send(gzip(&job.data, job.level));
+                    }
+                })
+                .expect("spawn a compressor thread");
+        }
+        Pool { jobs, threads }
+    }
+}
+
+/// One gzip member of `data`.
+fn gzip(data: &[u8], level: u32) -> io::Result<Vec<u8>> {
+    let mut gz = flate2::write::GzEncoder::new(
+        Vec::with_capacity(data.len() / 2 + 64),
+        flate2::Compression::new(level),
+    );
+    gz.write_all(data)?;
+    gz.finish()
+}
+
+/// A member handed to the pool, or compressed already.
+enum Member {
+    Done(io::Result<Vec<u8>>),
+    Pending(mpsc::Receiver<io::Result<Vec<u8>>>),
 }
 
 /// A written blob (`W` is where it went; [`build`] gives the bytes) and what a manifest
@@ -80,6 +142,8 @@ pub struct Written<W = Vec<u8>> {
 pub enum WriteError {
     #[error("eStargz chunk size must be positive")]
     ChunkSize,
+    #[error("gzip level {0} is not between 0 and 9")]
+    Level(u32),
     #[error("cannot write {path:?} into an eStargz layer: {reason}")]
     Entry { path: String, reason: String },
     #[error("writing the eStargz blob")]
@@ -104,10 +168,17 @@ pub fn build(entries: &[(Entry, Vec<u8>)], options: &WriterOptions) -> Result<Wr
 pub struct Writer<W: Write> {
     out: W,
     options: WriterOptions,
-    /// Bytes written to `out` so far: the offset of the next member.
+    /// Bytes written to `out` so far.
     offset: u64,
-    /// The open gzip member.
-    member: Option<flate2::write::GzEncoder<Vec<u8>>>,
+    /// The open member's uncompressed bytes.
+    member: Option<Vec<u8>>,
+    /// Members closed so far: the number of the next one.
+    members: usize,
+    /// Blob offset of each member written out, by number.
+    member_offsets: Vec<u64>,
+    /// Closed members not yet written out, oldest first.
+    queue: VecDeque<Member>,
+    pool: Option<Pool>,
     /// Of everything uncompressed: the diff_id.
     diff: Hasher,
     toc: Vec<TocOut>,
@@ -116,15 +187,37 @@ pub struct Writer<W: Write> {
 }
 
 impl<W: Write> Writer<W> {
+    /// A writer that compresses on the calling thread.
     pub fn new(out: W, options: &WriterOptions) -> Result<Writer<W>, WriteError> {
+        Writer::build(out, options, None)
+    }
+
+    /// A writer whose members are compressed by `pool`'s threads; the blob is the same
+    /// bytes as [`Writer::new`]'s.
+    pub fn with_pool(
+        out: W,
+        options: &WriterOptions,
+        pool: &Pool,
+    ) -> Result<Writer<W>, WriteError> {
+        Writer::build(out, options, Some(pool.clone()))
+    }
+
+    fn build(out: W, options: &WriterOptions, pool: Option<Pool>) -> Result<Writer<W>, WriteError> {
         if options.chunk_size == 0 {
             return Err(WriteError::ChunkSize);
+        }
+        if options.compression > 9 {
+            return Err(WriteError::Level(options.compression));
         }
         Ok(Writer {
             out,
             options: *options,
             offset: 0,
             member: None,
+            members: 0,
+            member_offsets: Vec::new(),
+            queue: VecDeque::new(),
+            pool,
             diff: Hasher::new(Algorithm::Sha256),
             toc: Vec::new(),
             appended: 0,
@@ -154,10 +247,17 @@ impl<W: Write> Writer<W> {
             self.landmark()?;
         }
         self.close()?;
+        self.drain(0)?;
         let toc_offset = self.offset;
+        let mut entries = std::mem::take(&mut self.toc);
+        for e in &mut entries {
+            if let Some(m) = e.member {
+                e.offset = Some(self.member_offsets[m]);
+            }
+        }
         let json = serde_json::to_vec_pretty(&TocJson {
             version: 1,
-            entries: std::mem::take(&mut self.toc),
+            entries,
         })
         .map_err(|e| WriteError::Entry {
             path: TOC_NAME.into(),
@@ -173,6 +273,7 @@ impl<W: Write> Writer<W> {
             .map_err(|e| entry_error(TOC_NAME, e))?;
         self.write(&b.into_inner().map_err(|e| entry_error(TOC_NAME, e))?)?;
         self.close()?;
+        self.drain(0)?;
         self.emit(&footer_bytes(toc_offset, self.options.legacy_footer))?;
         Ok(Written {
             blob: self.out,
@@ -226,7 +327,8 @@ impl<W: Write> Writer<W> {
             let size = remain.min(chunk_size) as usize;
             let data = &content[pos..pos + size];
             let mut ce = te.take().unwrap_or_else(|| TocOut::chunk(&name));
-            ce.offset = Some(self.offset);
+            // The member this chunk opens; its offset is known once it is written out.
+            ce.member = Some(self.members);
             ce.chunk_offset = (pos > 0).then_some(pos as u64);
             // As the Go writer: chunkSize on full chunks only; the last runs to the end.
             ce.chunk_size = (remain >= chunk_size).then_some(size as u64);
@@ -242,22 +344,48 @@ impl<W: Write> Writer<W> {
     fn write(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
         self.diff.update(bytes);
         self.member
-            .get_or_insert_with(|| {
-                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best())
-            })
-            .write_all(bytes)
-            .map_err(|source| WriteError::Io { source })
+            .get_or_insert_with(Vec::new)
+            .extend_from_slice(bytes);
+        Ok(())
     }
 
-    /// End the open member, if any, and write it out.
+    /// End the open member, if any: compress it (or hand it to the pool) and write out the
+    /// members that are ready, keeping a few per pool thread in flight.
     fn close(&mut self) -> Result<(), WriteError> {
-        match self.member.take() {
-            Some(gz) => {
-                let member = gz.finish().map_err(|source| WriteError::Io { source })?;
-                self.emit(&member)
+        let Some(data) = self.member.take() else {
+            return Ok(());
+        };
+        self.members += 1;
+        let level = self.options.compression;
+        let member = match &self.pool {
+            Some(pool) => {
+                let (done, rx) = mpsc::sync_channel(1);
+                match pool.jobs.send(Job { data, level, done }) {
+                    Ok(()) => Member::Pending(rx),
+                    Err(mpsc::SendError(job)) => Member::Done(gzip(&job.data, level)),
+                }
             }
-            None => Ok(()),
+            None => Member::Done(gzip(&data, level)),
+        };
+        self.queue.push_back(member);
+        let in_flight = self.pool.as_ref().map_or(0, |p| p.threads * 4);
+        self.drain(in_flight)
+    }
+
+    /// Write out members, oldest first, until at most `keep` are queued.
+    fn drain(&mut self, keep: usize) -> Result<(), WriteError> {
+        while self.queue.len() > keep {
+            let member = match self.queue.pop_front().expect("queue is not empty") {
+                Member::Done(r) => r,
+                Member::Pending(rx) => rx
+                    .recv()
+                    .unwrap_or_else(|_| Err(io::Error::other("a compressor thread died"))),
+            };
+            let member = member.map_err(|source| WriteError::Io { source })?;
+            self.member_offsets.push(self.offset);
+            self.emit(&member)?;
         }
+        Ok(())
     }
 
     fn emit(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
@@ -296,17 +424,24 @@ fn tar_name(entry: &Entry) -> Result<String, WriteError> {
 /// One entry as tar bytes: extension headers, header, content and padding.
 fn tar_entry(entry: &Entry, name: &str, content: &[u8]) -> io::Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
-    if !entry.xattrs.is_empty() {
-        let keys: Vec<String> = entry
-            .xattrs
-            .iter()
-            .map(|x| format!("SCHILY.xattr.{}", String::from_utf8_lossy(&x.name)))
-            .collect();
-        b.append_pax_extensions(
-            keys.iter()
-                .map(String::as_str)
-                .zip(entry.xattrs.iter().map(|x| x.value.as_slice())),
-        )?;
+    let mut pax: Vec<(String, Vec<u8>)> = entry
+        .xattrs
+        .iter()
+        .map(|x| {
+            let key = format!("SCHILY.xattr.{}", String::from_utf8_lossy(&x.name));
+            (key, x.value.clone())
+        })
+        .collect();
+    // The ustar header holds whole seconds; PAX `mtime` keeps the rest, as umoci writes it.
+    if entry.mtime.nsec != 0 {
+        let t = entry.mtime;
+        pax.push((
+            "mtime".into(),
+            format!("{}.{:09}", t.sec, t.nsec).into_bytes(),
+        ));
+    }
+    if !pax.is_empty() {
+        b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
     }
     let mut h = tar::Header::new_gnu();
     h.set_mode(entry.mode & 0o7777);
@@ -389,15 +524,18 @@ struct TocOut {
     chunk_size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     chunk_digest: Option<String>,
+    /// The member a chunk starts, which gives `offset` once the blob is written.
+    #[serde(skip)]
+    member: Option<usize>,
 }
 
 impl TocOut {
     fn new(name: &str, e: &Entry) -> Result<TocOut, WriteError> {
         let nonzero = |v: u32| (v != 0).then_some(v);
         let dev = matches!(e.kind, EntryKind::CharDev | EntryKind::BlockDev);
-        let modtime = match e.mtime.sec {
-            0 => None,
-            sec => Some(format_rfc3339(sec).ok_or_else(|| WriteError::Entry {
+        let modtime = match (e.mtime.sec, e.mtime.nsec) {
+            (0, 0) => None,
+            (sec, nsec) => Some(format_rfc3339(sec, nsec).ok_or_else(|| WriteError::Entry {
                 path: name.to_owned(),
                 reason: format!("mtime {sec} is outside the years 0 to 9999 RFC 3339 can write"),
             })?),
@@ -517,6 +655,7 @@ mod tests {
                 chunk_size: CHUNK,
                 landmark: Landmark::None,
                 legacy_footer: true,
+                compression: 9,
             },
         )
         .unwrap();
@@ -534,6 +673,7 @@ mod tests {
                 chunk_size: CHUNK,
                 landmark: Landmark::Prefetch { after: 3 },
                 legacy_footer: false,
+                compression: 9,
             },
         )
         .unwrap();
@@ -594,6 +734,7 @@ mod tests {
             chunk_size: CHUNK,
             landmark: Landmark::Prefetch { after: 100 },
             legacy_footer: false,
+            compression: 9,
         };
         let built = build(&sample(), &options).unwrap();
         let mut w = Writer::new(io::Cursor::new(Vec::new()), &options).unwrap();
@@ -605,8 +746,21 @@ mod tests {
         assert_eq!(built.size, built.blob.len() as u64);
         assert_eq!(
             (streamed.toc_digest, streamed.diff_id, streamed.toc_offset),
-            (built.toc_digest, built.diff_id, built.toc_offset)
+            (
+                built.toc_digest.clone(),
+                built.diff_id.clone(),
+                built.toc_offset
+            )
         );
+        // Compressed by a pool of threads, member by member: the same bytes.
+        let pool = Pool::new(3);
+        let mut w = Writer::with_pool(Vec::new(), &options, &pool).unwrap();
+        for (e, content) in &sample() {
+            w.append(e, content).unwrap();
+        }
+        let pooled = w.finish().unwrap();
+        assert_eq!(pooled.blob, built.blob);
+        assert_eq!(pooled.toc_digest, built.toc_digest);
         // A landmark after more entries than there are ends the layer.
         let (_, toc, _, _) = open(&built.blob, None).unwrap();
         let last = toc.entries.last().unwrap();
