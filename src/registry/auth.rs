@@ -18,6 +18,10 @@
 //!    (host, scope) until it expires. A 401 on a cached token means it expired or was
 //!    revoked early: drop it, fetch a new one once, retry.
 //!
+//! A push asks for `repository:NAME:pull,push` (plus `repository:FROM:pull` to mount a blob
+//! from another repository: [`push_scope`]); a token without `push` is answered 401 (with
+//! `error="insufficient_scope"`) or 403 on the upload, not on the token request.
+//!
 //! A `Basic` challenge (htpasswd registries) is answered with the credentials directly.
 
 use std::time::{Duration, Instant};
@@ -78,6 +82,17 @@ pub(crate) fn choose_scheme(challenges: &[Challenge]) -> Option<Scheme> {
 /// The pull scope of `repository`, or no scope for the API root.
 pub(crate) fn pull_scope(repository: Option<&str>) -> Option<String> {
     repository.map(|r| format!("repository:{r}:pull"))
+}
+
+/// The scope of a push to `repository`: `pull,push` on it (a push checks what is there
+/// first), and `pull` on `mount_from` when a blob is to be mounted from that repository
+/// (the registry checks that the client may read what it mounts). Space-separated, the
+/// scope-list form of `token.md` ("Requesting a Token").
+pub(crate) fn push_scope(repository: &str, mount_from: Option<&str>) -> String {
+    match mount_from.filter(|from| *from != repository) {
+        Some(from) => format!("repository:{repository}:pull,push repository:{from}:pull"),
+        None => format!("repository:{repository}:pull,push"),
+    }
 }
 
 /// Parse every challenge of a `WWW-Authenticate` header value (RFC 7235 §4.1).
@@ -434,5 +449,21 @@ mod tests {
             Some("repository:library/busybox:pull")
         );
         assert_eq!(pull_scope(None), None);
+    }
+
+    #[test]
+    fn push_scopes() {
+        let cases = [
+            ("app/x", None, "repository:app/x:pull,push"),
+            (
+                "app/x",
+                Some("base/y"),
+                "repository:app/x:pull,push repository:base/y:pull",
+            ),
+            ("app/x", Some("app/x"), "repository:app/x:pull,push"),
+        ];
+        for (repository, from, want) in cases {
+            assert_eq!(push_scope(repository, from), want, "{repository} {from:?}");
+        }
     }
 }

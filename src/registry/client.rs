@@ -1,7 +1,9 @@
 //! The [`Client`]: one request attempt that picks the URL scheme, authenticates and maps
 //! failures to [`Error`], wrapped in the crate's [`RetryPolicy`] (mirrors get one attempt
-//! each); and the four operations built on it. How a request is authenticated (Basic, Bearer
-//! tokens per (host, scope)) is in [`token`].
+//! each); and the pull operations built on it. How a request is authenticated (Basic, Bearer
+//! tokens per (host, scope)) is in [`token`]; the push operations (blob uploads, mounts,
+//! manifests: the same attempt, with a method, a body and the push scope, never via a
+//! mirror) are in [`push`].
 //!
 //! Endpoints (distribution-spec "Pull"): `GET /v2/` (ping), `GET /v2/<name>/manifests/<ref>`,
 //! `GET /v2/<name>/blobs/<digest>` (with `Range: bytes=…`, answered 206 with
@@ -20,10 +22,10 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt as _;
 use reqwest::header::{
-    ACCEPT, AUTHORIZATION, CONTENT_RANGE, CONTENT_TYPE, HeaderValue, RANGE, RETRY_AFTER,
-    WWW_AUTHENTICATE,
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderName, HeaderValue,
+    RANGE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
-use reqwest::{Response, StatusCode};
+use reqwest::{Method, Response, StatusCode};
 
 use crate::oci::media::{DOCKER_SCHEMA1_MANIFEST, DOCKER_SCHEMA1_SIGNED_MANIFEST, MANIFEST_ACCEPT};
 use crate::oci::{Digest, schema1};
@@ -34,6 +36,7 @@ use super::credentials::{Identity, Secret};
 use super::errors::{self, Error, ErrorEnvelope, Subject};
 use super::{BlobStream, ClientConfig, ManifestResponse};
 
+mod push;
 mod token;
 
 /// Registries must accept manifests of at least 4 MiB (distribution-spec); refuse far more.
@@ -120,15 +123,28 @@ struct Call {
     host: String,
     /// The scheme, when fixed by configuration (a mirror's URL) rather than by the defaults.
     scheme: Option<UrlScheme>,
-    repository: Option<String>,
-    /// From `/v2/` on.
+    /// The token scope, space-separated scopes as in a challenge: `repository:NAME:pull` for
+    /// a pull, `repository:NAME:pull,push` (and `repository:FROM:pull` for a mount) for a
+    /// push; `None` for the API root.
+    scope: Option<String>,
+    method: Method,
+    /// From `/v2/` on, query included.
     path: String,
     accept: Option<HeaderValue>,
     range: Option<String>,
+    /// More headers (a push's `Content-Type`, `Content-Range`).
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// A push's body: `Bytes`, so that another attempt sends it again without a copy.
+    body: Option<Bytes>,
     subject: Subject,
 }
 
 impl Call {
+    /// Whether it changes the registry's content (a push): its refusals are push errors.
+    fn writes(&self) -> bool {
+        !matches!(self.method, Method::GET | Method::HEAD)
+    }
+
     /// Whether the answer depends on what a tag points to now (not content-addressed).
     fn resolves_a_tag(&self) -> bool {
         match &self.subject {
@@ -270,10 +286,13 @@ impl Client {
             registry: registry.to_owned(),
             host: api_host(registry).to_owned(),
             scheme: None,
-            repository: Some(repository.to_owned()),
+            scope: auth::pull_scope(Some(repository)),
+            method: Method::GET,
             path: format!("/v2/{repository}/manifests/{reference}"),
             accept: Some(self.inner.manifest_accept.clone()),
             range: None,
+            headers: Vec::new(),
+            body: None,
             subject: Subject::Manifest {
                 repository: repository.to_owned(),
                 reference: reference.to_owned(),
@@ -335,10 +354,13 @@ impl Client {
             registry: registry.to_owned(),
             host: api_host(registry).to_owned(),
             scheme: None,
-            repository: Some(repository.clone()),
+            scope: auth::pull_scope(Some(&repository)),
+            method: Method::GET,
             path: format!("/v2/{repository}/tags/list?n=1"),
             accept: None,
             range: None,
+            headers: Vec::new(),
+            body: None,
             subject: Subject::Other {
                 name: repository.clone(),
             },
@@ -431,10 +453,13 @@ impl Client {
             registry: registry.to_owned(),
             host: api_host(registry).to_owned(),
             scheme: None,
-            repository: None,
+            scope: None,
+            method: Method::GET,
             path: "/v2/".to_owned(),
             accept: None,
             range: None,
+            headers: Vec::new(),
+            body: None,
             subject: Subject::Other {
                 name: registry.to_owned(),
             },
@@ -453,10 +478,13 @@ impl Client {
             registry: registry.to_owned(),
             host: api_host(registry).to_owned(),
             scheme: None,
-            repository: Some(repository.to_owned()),
+            scope: auth::pull_scope(Some(repository)),
+            method: Method::GET,
             path: format!("/v2/{repository}/blobs/{digest}"),
             accept: None,
             range,
+            headers: Vec::new(),
+            body: None,
             subject: Subject::Blob {
                 repository: repository.to_owned(),
                 digest: digest.clone(),
@@ -550,14 +578,17 @@ impl Client {
     /// credentials once), send, and turn anything but a 2xx (redirects followed) into the
     /// error, said to be transient for connection errors, 429 and 5xx.
     async fn attempt(&self, call: &Call) -> Result<(Response, String), Failed> {
-        let scope = auth::pull_scope(call.repository.as_deref());
+        let scope = call.scope.clone();
         let mut reauthenticated = false;
         loop {
-            // A token fetch retries on its own: its failure is final here.
+            // A token fetch retries on its own: its failure is final here. A realm that
+            // refuses the push scope (403) refuses the push.
             let sent = self
                 .authorization(call, scope.as_deref())
                 .await
-                .map_err(Failed::permanent)?;
+                .map_err(|e| {
+                    Failed::permanent(if call.writes() { errors::on_push(e) } else { e })
+                })?;
             let (response, url) = self.send_once(call, sent.header.clone()).await?;
             let status = response.status();
             tracing::debug!(%url, %status, "registry response");
@@ -595,6 +626,9 @@ impl Client {
                     continue;
                 }
                 let envelope = read_envelope(response).await;
+                if call.writes() {
+                    return Err(self.push_unauthorized(call, &sent, envelope).await.into());
+                }
                 if envelope.has_code("DENIED") {
                     return Err(errors::from_status(&url, status, envelope, &call.subject).into());
                 }
@@ -608,7 +642,15 @@ impl Client {
                 }
                 .into());
             }
-            return Err(Failed::status(response, &url, &call.subject).await);
+            let failed = Failed::status(response, &url, &call.subject).await;
+            return Err(if call.writes() {
+                Failed {
+                    error: errors::on_push(failed.error),
+                    ..failed
+                }
+            } else {
+                failed
+            });
         }
     }
 
@@ -674,12 +716,23 @@ impl Client {
         call: &Call,
         authorization: Option<HeaderValue>,
     ) -> Result<Response, Error> {
-        let mut request = self.inner.http.get(url);
+        let mut request = self.inner.http.request(call.method.clone(), url);
         if let Some(accept) = &call.accept {
             request = request.header(ACCEPT, accept.clone());
         }
         if let Some(range) = &call.range {
             request = request.header(RANGE, range.as_str());
+        }
+        for (name, value) in &call.headers {
+            request = request.header(name, value);
+        }
+        if let Some(body) = &call.body {
+            // hyper announces no length for an empty body; some proxies refuse a POST or PUT
+            // without one (411 Length Required).
+            if body.is_empty() {
+                request = request.header(CONTENT_LENGTH, HeaderValue::from_static("0"));
+            }
+            request = request.body(body.clone());
         }
         if let Some(authorization) = authorization {
             request = request.header(AUTHORIZATION, authorization);

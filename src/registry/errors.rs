@@ -1,6 +1,8 @@
 //! The registry client's [`Error`], and the distribution spec's error envelope
 //! (`{"errors":[{"code","message","detail"}]}`, spec "Error Codes") mapped onto it, so that a
-//! user reads "tag 1.2 not found in repository app" rather than "404".
+//! user reads "tag 1.2 not found in repository app" rather than "404". A push's refusals have
+//! their own variants ([`Error::PushDenied`], [`Error::BlobTooLarge`],
+//! [`Error::ManifestRefused`]).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -46,7 +48,7 @@ impl ErrorEnvelope {
     }
 
     /// The first non-empty message, for errors that quote the registry.
-    fn first_message(&self) -> Option<&str> {
+    pub(crate) fn first_message(&self) -> Option<&str> {
         self.errors
             .iter()
             .map(|e| e.message.trim())
@@ -141,6 +143,88 @@ pub enum Error {
     TooLarge { url: String, limit: u64 },
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
+
+    // Pushes.
+    /// A push refused for want of rights (401 with a token, 403, `DENIED`).
+    #[error(
+        "push access to {name} denied: {reason}: use credentials with push access to it \
+         (--username and --password-stdin, or docker login)"
+    )]
+    PushDenied { name: String, reason: String },
+    /// 413 Payload Too Large on an upload request.
+    #[error(
+        "registry {url} refused blob {digest} ({size} bytes) for {repository} as too large \
+         (413 Payload Too Large){errors}: the registry or a proxy in front of it limits request \
+         bodies; upload in smaller chunks or raise that limit"
+    )]
+    BlobTooLarge {
+        url: String,
+        repository: String,
+        digest: Digest,
+        size: u64,
+        errors: ErrorEnvelope,
+    },
+    /// An upload that failed on every attempt; `cause` is the last attempt's error (it names
+    /// the URL).
+    #[error(
+        "upload of blob {digest} ({size} bytes) to {repository} failed after {attempts} \
+         attempt(s): {cause}"
+    )]
+    UploadFailed {
+        repository: String,
+        digest: Digest,
+        size: u64,
+        attempts: u32,
+        cause: Box<Error>,
+    },
+    /// The blob to push is not what its descriptor says; nothing was sent (or, for a file that
+    /// changed while being read, the upload was not completed).
+    #[error("blob {digest} to push: {reason}")]
+    BadBlob { digest: Digest, reason: String },
+    #[error("manifest {reference} to push to {repository}: {reason}")]
+    BadManifest {
+        repository: String,
+        reference: String,
+        reason: String,
+    },
+    #[error("cannot read {path}, the body of blob {digest} to push")]
+    BlobRead {
+        path: PathBuf,
+        digest: Digest,
+        source: std::io::Error,
+    },
+    /// A manifest PUT answered with a client error (400 `MANIFEST_INVALID`,
+    /// `MANIFEST_BLOB_UNKNOWN`, `TAG_INVALID`, …).
+    #[error(
+        "registry refused manifest {reference} for {repository}: {status}{errors}{}",
+        manifest_refusal_hint(errors)
+    )]
+    ManifestRefused {
+        repository: String,
+        reference: String,
+        status: StatusCode,
+        errors: ErrorEnvelope,
+    },
+}
+
+/// What to do about a refused manifest, when the registry said why.
+fn manifest_refusal_hint(errors: &ErrorEnvelope) -> &'static str {
+    if errors.has_code("MANIFEST_BLOB_UNKNOWN") || errors.has_code("BLOB_UNKNOWN") {
+        ": push the blobs it references (layers, config) first"
+    } else {
+        ""
+    }
+}
+
+/// A refusal of a push request as a push error: `Denied` becomes [`Error::PushDenied`].
+pub(crate) fn on_push(error: Error) -> Error {
+    match error {
+        Error::Denied { name, message } => Error::PushDenied {
+            name,
+            reason: message,
+        },
+        other => other,
+    }
 }
 
 impl Error {
@@ -462,6 +546,56 @@ mod tests {
             let got = from_status(url, status, errors, subject).to_string();
             assert_eq!(got, want, "{status} {subject:?}");
         }
+    }
+
+    #[test]
+    fn push_errors() {
+        let denied = on_push(Error::Denied {
+            name: "app".into(),
+            message: "requested access to the resource is denied".into(),
+        });
+        assert_eq!(
+            denied.to_string(),
+            "push access to app denied: requested access to the resource is denied: use \
+             credentials with push access to it (--username and --password-stdin, or docker login)"
+        );
+        let not_found = on_push(Error::RepositoryNotFound {
+            repository: "app".into(),
+        });
+        assert!(matches!(not_found, Error::RepositoryNotFound { .. }));
+        let refused = |code: &str| {
+            Error::ManifestRefused {
+                repository: "app".into(),
+                reference: "v1".into(),
+                status: StatusCode::BAD_REQUEST,
+                errors: envelope(code, "no"),
+            }
+            .to_string()
+        };
+        assert_eq!(
+            refused("MANIFEST_BLOB_UNKNOWN"),
+            "registry refused manifest v1 for app: 400 Bad Request: MANIFEST_BLOB_UNKNOWN: no: \
+             push the blobs it references (layers, config) first"
+        );
+        assert_eq!(
+            refused("MANIFEST_INVALID"),
+            "registry refused manifest v1 for app: 400 Bad Request: MANIFEST_INVALID: no"
+        );
+        let too_large = Error::BlobTooLarge {
+            url: "https://r/v2/app/blobs/uploads/u".into(),
+            repository: "app".into(),
+            digest: D.parse().unwrap(),
+            size: 7,
+            errors: ErrorEnvelope::default(),
+        };
+        assert_eq!(
+            too_large.to_string(),
+            format!(
+                "registry https://r/v2/app/blobs/uploads/u refused blob {D} (7 bytes) for app as \
+                 too large (413 Payload Too Large): the registry or a proxy in front of it limits \
+                 request bodies; upload in smaller chunks or raise that limit"
+            )
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Distribution v2 client (OCI distribution-spec, pull side): ping, manifests, blobs with
-//! Range, authentication (Bearer tokens, Basic, docker config credentials), redirects,
-//! retries and the registry's error envelope.
+//! Distribution v2 client (OCI distribution-spec): pull (ping, manifests, blobs with Range)
+//! and push (blob uploads, monolithic or chunked, cross-repository mounts, manifests),
+//! authentication (Bearer tokens, Basic, docker config credentials), redirects, retries and
+//! the registry's error envelope.
 //!
 //! It knows nothing of the store, FUSE, the CLI or environment variables (except Docker's own
 //! `DOCKER_CONFIG` convention, in [`default_docker_config`]). It returns bytes and streams;
@@ -12,7 +13,8 @@
 //! - [`auth`]: challenge parsing and token lifetimes (the Bearer flow is described there).
 //! - [`credentials`]: [`Secret`], [`Credentials`] and the docker config lookup.
 //! - [`errors`]: [`Error`] and the registry's error envelope.
-//! - `client`: the [`Client`]: one attempt per request, wrapped in [`crate::retry`]'s policy.
+//! - `client`: the [`Client`]: one attempt per request, wrapped in [`crate::retry`]'s policy;
+//!   its push side (the upload flow, step by step) in `client/push.rs`.
 
 pub mod auth;
 mod client;
@@ -55,8 +57,12 @@ pub struct ClientConfig {
     /// Retries after the first attempt, on connection errors, 429 and 5xx, started only while
     /// the first attempt is younger than `timeout` ([`crate::retry::RetryPolicy`]).
     pub max_retries: u32,
-    /// Pull mirrors, tried in order before the registry itself (see [`Mirror`]).
+    /// Pull mirrors, tried in order before the registry itself (see [`Mirror`]). Pushes
+    /// never go to them.
     pub mirrors: Vec<Mirror>,
+    /// A blob up to this size is pushed in one `PUT`; a larger one in `PATCH` requests of this
+    /// size (also the most of a file body held in memory at once).
+    pub upload_chunk_size: u64,
 }
 
 /// A pull mirror of one registry — a pull-through cache, a P2P distributor, anything that
@@ -152,6 +158,7 @@ impl Default for ClientConfig {
             mirrors: Vec::new(),
             user_agent: concat!("imagefs/", env!("CARGO_PKG_VERSION")).to_owned(),
             max_retries: 4,
+            upload_chunk_size: 32 << 20,
         }
     }
 }
@@ -169,6 +176,24 @@ pub struct ManifestResponse {
     pub content_type: Option<String>,
     /// sha256 of `canonical`: the digest the registry gives this manifest.
     pub digest: Digest,
+}
+
+/// What a blob upload reads from ([`Client::push_blob`]).
+#[derive(Clone, Debug)]
+pub enum BlobBody {
+    Bytes(Bytes),
+    /// Read in `upload_chunk_size` pieces, never whole (unless it is that small).
+    File(PathBuf),
+}
+
+/// How a blob came to be in the destination repository ([`Client::push_blob`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobPush {
+    /// It was there already.
+    Exists,
+    /// The registry linked it from the repository it was mounted from.
+    Mounted,
+    Uploaded,
 }
 
 /// A blob body, possibly from an offset.

@@ -13,6 +13,7 @@
 //! | `safety` | hostile or careless use: umount targets, nosuid/nodev, cache ownership, secrets, mount points, one-line errors |
 //! | `fs_backend` | `imagefs::fs` alone: real FUSE mounts of hand-made trees through a test backend (no registry) |
 //! | `client_adversary` | `imagefs::registry::Client` against an in-process adversarial server (what a real registry never does) |
+//! | `push` | `Client`'s push side: monolithic and chunked uploads, mounts, manifests against the real registry (all auth modes); 413, refused rights, dropped connections against the adversarial server |
 //! | `schema1` | Docker schema 1 images (signed, served by distribution with schema 1 enabled) mount like umoci unpacks them, remount offline |
 //! | `harness` | self-tests of the harness: builder, registry auth modes, fixtures |
 //!
@@ -28,6 +29,7 @@ mod estargz;
 mod fs_backend;
 mod harness;
 mod mirrors;
+mod push;
 mod safety;
 mod schema1;
 mod support;

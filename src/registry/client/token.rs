@@ -205,7 +205,7 @@ impl Client {
 }
 
 /// The token endpoint from a challenge's realm (http or https only), with `service` and
-/// `scope` as query parameters when `in_query`.
+/// each scope of `scope` (space-separated) as query parameters when `in_query`.
 fn token_url(
     realm: &str,
     service: Option<&str>,
@@ -227,7 +227,9 @@ fn token_url(
         if let Some(service) = service {
             query.append_pair("service", service);
         }
-        if let Some(scope) = scope {
+        // One `scope` parameter per scope (`token.md`); the OAuth form takes the list as is,
+        // space-separated (`oauth.md`).
+        for scope in scope.into_iter().flat_map(str::split_whitespace) {
             query.append_pair("scope", scope);
         }
     }
@@ -275,4 +277,36 @@ pub(super) fn basic_header(username: &str, password: &Secret) -> HeaderValue {
         HeaderValue::from_str(&format!("Basic {encoded}")).expect("base64 is a valid header");
     header.set_sensitive(true);
     header
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_url;
+
+    #[test]
+    fn token_urls() {
+        let cases = [
+            (
+                Some("repository:a/b:pull"),
+                true,
+                "https://t.example/token?service=reg&scope=repository%3Aa%2Fb%3Apull",
+            ),
+            (
+                Some("repository:a:pull,push repository:b:pull"),
+                true,
+                "https://t.example/token?service=reg&scope=repository%3Aa%3Apull%2Cpush\
+                 &scope=repository%3Ab%3Apull",
+            ),
+            (
+                Some("repository:a:pull,push repository:b:pull"),
+                false,
+                "https://t.example/token",
+            ),
+            (None, true, "https://t.example/token?service=reg"),
+        ];
+        for (scope, in_query, want) in cases {
+            let got = token_url("https://t.example/token", Some("reg"), scope, in_query).unwrap();
+            assert_eq!(got.as_str(), want, "{scope:?}");
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! An adversarial HTTP server for what a real registry will not do on demand: wrong bytes,
 //! truncated or stalled bodies, 5xx and 429, Range ignored, tokens revoked mid-pull,
-//! redirects to another host.
+//! redirects to another host, connections dropped mid-request.
 //!
 //! Each test scripts it with a handler `Fn(&Recorded) -> Reply`. It runs in-process on the
 //! test's tokio runtime (hyper 1), bound to 127.0.0.1:0, records every request, and stops
@@ -86,6 +86,8 @@ enum ReplyBody {
     },
     /// Never send the response head at all.
     Hang,
+    /// Close the connection without answering.
+    Drop,
 }
 
 impl Reply {
@@ -144,6 +146,15 @@ impl Reply {
     pub fn stalled(sent: impl Into<Bytes>) -> Reply {
         Reply {
             body: ReplyBody::Stalled { sent: sent.into() },
+            ..Reply::status(200)
+        }
+    }
+
+    /// Close the connection without answering (the request, body included, was read): to
+    /// the client, the connection dropped in the middle of its request.
+    pub fn drop_connection() -> Reply {
+        Reply {
+            body: ReplyBody::Drop,
             ..Reply::status(200)
         }
     }
@@ -302,7 +313,7 @@ async fn serve(
     handler: Arc<Handler>,
     requests: Arc<Mutex<Vec<Recorded>>>,
     base: String,
-) -> Result<Response<ReplyStream>, Infallible> {
+) -> Result<Response<ReplyStream>, Dropped> {
     let (parts, body) = request.into_parts();
     let body = body
         .collect()
@@ -338,9 +349,23 @@ async fn serve(
         }
         ReplyBody::Stalled { sent } => ReplyStream::once(sent, true),
         ReplyBody::Hang => std::future::pending().await,
+        // hyper closes a connection whose service fails, without a response.
+        ReplyBody::Drop => return Err(Dropped),
     };
     Ok(response.body(body).expect("valid response"))
 }
+
+/// The service error of [`Reply::drop_connection`].
+#[derive(Debug)]
+pub struct Dropped;
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection dropped on purpose")
+    }
+}
+
+impl std::error::Error for Dropped {}
 
 /// A body of one chunk, then either the end or nothing ever again. Its size is not announced
 /// to hyper, so a `Content-Length` header larger than the chunk is sent as declared.
