@@ -4,6 +4,7 @@
 
 mod cache;
 mod common;
+mod convert;
 mod inspect;
 mod layers;
 mod mount;
@@ -133,6 +134,8 @@ pub enum Command {
     Umount(mount::UmountArgs),
     /// Serve containerd's snapshots API: containers start from lazily served images
     Snapshotter(snapshotter::SnapshotterArgs),
+    /// Make an image lazy: rewrite its layers as eStargz and push it to another reference
+    Convert(convert::ConvertArgs),
 }
 
 /// Run the parsed command line.
@@ -153,6 +156,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Command::Inspect(a) => inspect::run(&ctx, a).await,
                     Command::Layers(a) => layers::run(&ctx, a).await,
                     Command::Cache(a) => cache::run(&ctx, a),
+                    Command::Convert(a) => convert::run(&ctx, a).await,
                     Command::Mount(_) | Command::Umount(_) | Command::Snapshotter(_) => {
                         unreachable!()
                     }

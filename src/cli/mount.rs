@@ -59,6 +59,10 @@ pub struct MountArgs {
     /// Do not allow opening device nodes (the default)
     #[arg(long)]
     pub nodev: bool,
+    /// Write the paths of the image's files read through the mount to FILE, in the order of
+    /// their first access, one per line (for `imagefs convert --prioritize FILE`)
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
     #[command(flatten)]
     pub serve: ServeArgs,
 }
@@ -360,6 +364,7 @@ fn serve(
         passthrough: !args.serve.no_passthrough,
         nosuid: !(args.suid || args.rootfs),
         nodev: !(args.dev || args.rootfs),
+        record: args.record.clone(),
     };
     let mounted = crate::fs::mount(image, Some(meta), &args.mountpoint, &opts)?;
     drop(lock);

@@ -70,7 +70,10 @@ impl Reporter {
                             bar.set_position(size);
                             bar.finish_with_message("already exists");
                         }
-                        LayerEvent::Started { .. } => {
+                        LayerEvent::Started { size: total, .. } => {
+                            if total > 0 {
+                                bar.set_length(total);
+                            }
                             bar.set_position(0);
                             bar.set_message("downloading, verifying");
                         }

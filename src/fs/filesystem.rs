@@ -24,6 +24,7 @@ use super::attr::{BLKSIZE, TTL, id_of, inode_attr, placeholder_root_attr};
 use super::errno::OpError;
 use super::meta::{self, MetaTable, Sized};
 use super::open::{OpenFile, OpenTable, Readable};
+use super::record::Recorder;
 use crate::layer::index::DataRef;
 use crate::overlay::{Content, Inode, InodeId, ROOT, Tree};
 
@@ -63,6 +64,8 @@ pub(crate) struct ImageFs {
     passthrough: bool,
     /// Regular files open through OPEN, and the fds of zero-message opens.
     open: OpenTable,
+    /// `mount --record`.
+    record: Option<Recorder>,
 }
 
 #[derive(Clone, Copy)]
@@ -77,8 +80,14 @@ thread_local! {
 }
 
 impl ImageFs {
-    pub(crate) fn new(backend: Arc<dyn Backend>, meta: MetaTable, passthrough: bool) -> ImageFs {
+    pub(crate) fn new(
+        backend: Arc<dyn Backend>,
+        meta: MetaTable,
+        passthrough: bool,
+        record: Option<Recorder>,
+    ) -> ImageFs {
         ImageFs {
+            record,
             backend,
             meta,
             totals: OnceLock::new(),
@@ -92,6 +101,15 @@ impl ImageFs {
     /// Failures are not kept: the next request asks again.
     fn tree(&self) -> Result<&Tree, OpError> {
         self.backend.tree().map_err(OpError::Tree)
+    }
+
+    /// `mount --record`: a file of the image (not a meta file) is opened or read.
+    fn record_access(&self, ino: INodeNo) {
+        if let Some(r) = &self.record
+            && self.meta.by_ino(ino).is_none()
+        {
+            r.accessed(ino);
+        }
     }
 
     /// The tree inode behind `ino`.
@@ -452,7 +470,12 @@ impl Filesystem for ImageFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.lookup_attr(parent, name.as_bytes()) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => {
+                if let Some(r) = &self.record {
+                    r.looked_up(parent, name.as_bytes(), attr.ino);
+                }
+                reply.entry(&TTL, &attr, Generation(0))
+            }
             Err(OpError::NotFound) => {
                 tracing::trace!(parent = parent.0, ?name, "lookup: no such entry");
                 // A negative entry (node id 0) with a TTL: the kernel caches the absence, so
@@ -488,6 +511,7 @@ impl Filesystem for ImageFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.record_access(ino);
         // Without passthrough an OPEN buys nothing a read cannot do itself, and costs two
         // round trips per open(2) (OPEN, then RELEASE): ENOSYS tells the kernel to stop sending
         // them for this mount (it keeps the page cache, and enforces O_RDONLY itself on a
@@ -512,6 +536,7 @@ impl Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.record_access(ino);
         if let Err((e, reply)) = self.do_read(ino, fh, offset, size, reply) {
             reply.error(e.errno("read", ino));
         }
@@ -932,7 +957,7 @@ mod tests {
             digest: "sha256:d".into(),
             id: "sha256:i".into(),
         }));
-        ImageFs::new(Arc::new(Fixed(tree, OnceLock::new())), meta, false)
+        ImageFs::new(Arc::new(Fixed(tree, OnceLock::new())), meta, false, None)
     }
 
     fn listing(fs: &ImageFs, ino: u64, offset: u64, room: usize) -> Vec<(u64, String)> {

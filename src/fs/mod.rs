@@ -26,6 +26,7 @@ mod filesystem;
 mod meta;
 mod mountinfo;
 mod open;
+mod record;
 
 pub use backend::{Backend, BackendError};
 pub use meta::MetaFiles;
@@ -61,6 +62,9 @@ pub struct MountOptions {
     pub nosuid: bool,
     /// Mount `nodev` (device nodes shown but not openable). Off by default, like a rootfs.
     pub nodev: bool,
+    /// Write the paths of the files read, in first-access order, to this file (created or
+    /// truncated): `mount --record`.
+    pub record: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,11 +147,17 @@ pub fn mount(
     mountpoint: &Path,
     opts: &MountOptions,
 ) -> Result<Mounted, FsError> {
-    let fs = ImageFs::new(backend, MetaTable::new(meta), opts.passthrough);
     let mount_err = |source| FsError::Mount {
         mountpoint: mountpoint.to_path_buf(),
         source,
     };
+    let recorder = match &opts.record {
+        Some(path) => Some(record::Recorder::new(
+            std::fs::File::create(path).map_err(mount_err)?,
+        )),
+        None => None,
+    };
+    let fs = ImageFs::new(backend, MetaTable::new(meta), opts.passthrough, recorder);
     let mut config = Config::default();
     config.mount_options = vec![
         // fusermount3 splits its -o list at commas; a reference has none, but be sure.

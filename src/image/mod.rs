@@ -10,10 +10,12 @@
 //!   kept), prefetch, and the whole-layer fallback when the registry ignores Range; it is the
 //!   `fs::Backend` a FUSE front end serves. [`fetch_layers`] is `pull`'s whole-image fetch.
 //! - [`status`]: each layer's format and what of it is cached ([`layer_statuses`]).
+//! - [`convert`]: an image rewritten with eStargz layers and pushed (`imagefs convert`).
 //!
 //! This module knows no clap, anyhow, environment variables or progress bars: its errors are
 //! typed ([`Error`]), progress goes through the store's callbacks.
 
+pub mod convert;
 pub mod engine;
 pub mod resolve;
 pub mod source;

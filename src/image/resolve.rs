@@ -11,7 +11,7 @@ use futures_util::StreamExt as _;
 use super::Error;
 use super::source::RegistrySource;
 use crate::layer::decompress::Limits;
-use crate::oci::manifest::{Descriptor, ImageConfig, ImageManifest, Manifest};
+use crate::oci::manifest::{Descriptor, ImageConfig, ImageIndex, ImageManifest, Manifest};
 use crate::oci::schema1::{FetchedLayer, Schema1Manifest};
 use crate::oci::{Digest, Platform, media};
 use crate::reference::Reference;
@@ -136,6 +136,21 @@ impl Resolver {
             config_bytes,
             config,
             limits: self.limits,
+        })
+    }
+
+    /// The multi-platform index `reference` names, if it names one: its digest, bytes as
+    /// served, and parsed form (`None` for an image manifest).
+    pub async fn top_index(
+        &self,
+        reference: &Reference,
+    ) -> Result<Option<(Digest, Vec<u8>, ImageIndex)>, Error> {
+        let top = self.top_document(reference).await?;
+        let parsed = crate::oci::manifest::parse_manifest(&top.bytes, top.content_type.as_deref())
+            .map_err(|source| Error::document("manifest", &top.digest, reference, source))?;
+        Ok(match parsed {
+            Manifest::Index(index) => Some((top.digest, top.bytes, index)),
+            _ => None,
         })
     }
 

@@ -599,6 +599,7 @@ impl Snapshotter {
             // A container's root filesystem, as on containerd's overlayfs snapshotter.
             nosuid: false,
             nodev: false,
+            record: None,
         };
         let mounted = crate::fs::mount(image.clone(), None, &mountpoint, &opts)
             .map_err(|e| view_err(e.into()))?;

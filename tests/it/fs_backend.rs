@@ -331,6 +331,7 @@ fn opts(mountpoint: &Path, passthrough: bool) -> MountOptions {
         passthrough,
         nosuid: true,
         nodev: true,
+        record: None,
     }
 }
 

@@ -14,6 +14,7 @@
 //! | `fs_backend` | `imagefs::fs` alone: real FUSE mounts of hand-made trees through a test backend (no registry) |
 //! | `client_adversary` | `imagefs::registry::Client` against an in-process adversarial server (what a real registry never does) |
 //! | `push` | `Client`'s push side: monolithic and chunked uploads, mounts, manifests against the real registry (all auth modes); 413, refused rights, dropped connections against the adversarial server |
+//! | `convert` | `convert`: eStargz images pushed to a real registry keep the source's tree (umoci), mount lazily, convert again to the same digest; `mount --record` then `--prioritize` |
 //! | `schema1` | Docker schema 1 images (signed, served by distribution with schema 1 enabled) mount like umoci unpacks them, remount offline |
 //! | `harness` | self-tests of the harness: builder, registry auth modes, fixtures |
 //!
@@ -25,6 +26,7 @@ mod cli_mount;
 mod cli_pull;
 mod client_adversary;
 mod containerd;
+mod convert;
 mod estargz;
 mod fs_backend;
 mod harness;

@@ -52,7 +52,7 @@ mod writer;
 pub use chunks::{Chunk, ChunkMap, decode_chunk};
 pub use footer::{FOOTER_SIZE, Footer, LEGACY_FOOTER_SIZE, footer_bytes, parse_footer};
 pub use toc::{Toc, TocEntry, TocEntryType, parse_toc_member};
-pub use writer::{Landmark, WriteError, Writer, WriterOptions, Written, build};
+pub use writer::{Landmark, Pool, WriteError, Writer, WriterOptions, Written, build};
 
 use std::io;
 
@@ -69,6 +69,9 @@ pub const NO_PREFETCH_LANDMARK: &str = ".no.prefetch.landmark";
 pub const META_NAMES: [&str; 3] = [TOC_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK];
 /// Layer descriptor annotation holding the digest of the TOC JSON.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// The layer descriptor annotation with the size of the uncompressed tar (stargz-snapshotter
+/// reads it to size its cache without fetching the blob).
+pub const UNCOMPRESSED_SIZE_ANNOTATION: &str = "io.containers.estargz.uncompressed-size";
 /// Largest TOC JSON accepted (stargz-snapshotter's own limit is 50 MB of compressed TOC).
 pub const MAX_TOC_JSON_SIZE: u64 = 64 << 20;
 /// Largest TOC member (compressed) accepted: the JSON, its tar framing and gzip overhead.

@@ -136,6 +136,9 @@ pub struct Written<W = Vec<u8>> {
     pub toc_offset: u64,
     /// Bytes written: the blob's size.
     pub size: u64,
+    /// Bytes of the uncompressed tar: the `io.containers.estargz.uncompressed-size`
+    /// annotation.
+    pub uncompressed_size: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +184,7 @@ pub struct Writer<W: Write> {
     pool: Option<Pool>,
     /// Of everything uncompressed: the diff_id.
     diff: Hasher,
+    uncompressed: u64,
     toc: Vec<TocOut>,
     appended: usize,
     landmark_done: bool,
@@ -219,6 +223,7 @@ impl<W: Write> Writer<W> {
             queue: VecDeque::new(),
             pool,
             diff: Hasher::new(Algorithm::Sha256),
+            uncompressed: 0,
             toc: Vec::new(),
             appended: 0,
             landmark_done: options.landmark == Landmark::None,
@@ -281,6 +286,7 @@ impl<W: Write> Writer<W> {
             diff_id: self.diff.finish(),
             toc_offset,
             size: self.offset,
+            uncompressed_size: self.uncompressed,
         })
     }
 
@@ -343,6 +349,7 @@ impl<W: Write> Writer<W> {
     /// Uncompressed bytes into the open member (a new one if none is open).
     fn write(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
         self.diff.update(bytes);
+        self.uncompressed += bytes.len() as u64;
         self.member
             .get_or_insert_with(Vec::new)
             .extend_from_slice(bytes);

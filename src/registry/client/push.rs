@@ -169,6 +169,40 @@ impl Client {
             .map_err(|f| upload.error(f.error, attempts.load(Ordering::Relaxed)))
     }
 
+    /// Make blob `digest` present in `repository` without sending it: there already
+    /// ([`BlobPush::Exists`]), or mounted from `from`, another repository of the same registry
+    /// ([`BlobPush::Mounted`]). `None` when the registry would not mount it (it answered
+    /// with an upload session instead, left unused): the caller uploads it with
+    /// [`Client::push_blob`].
+    pub async fn mount_blob(
+        &self,
+        registry: &str,
+        repository: &str,
+        digest: &Digest,
+        from: &str,
+    ) -> Result<Option<BlobPush>, Error> {
+        let scope = auth::push_scope(repository, Some(from).filter(|f| *f != repository));
+        if self
+            .head_blob(registry, repository, digest, Some(scope.clone()))
+            .await?
+        {
+            return Ok(Some(BlobPush::Exists));
+        }
+        if from == repository {
+            return Ok(None);
+        }
+        let mut call = self.push_call(
+            registry,
+            repository,
+            scope,
+            Method::POST,
+            format!("/v2/{repository}/blobs/uploads/?mount={digest}&from={from}"),
+        );
+        call.body = Some(Bytes::new());
+        let (response, _) = self.send_origin(&call).await?;
+        Ok((response.status() == StatusCode::CREATED).then_some(BlobPush::Mounted))
+    }
+
     /// `PUT /v2/<repository>/manifests/<reference>` with `Content-Type: media_type`, on the
     /// registry itself. Returns the manifest's digest: `reference` when it is one (checked
     /// against `bytes` before sending), else the sha256 of `bytes`; checked against the
