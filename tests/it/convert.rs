@@ -12,6 +12,7 @@ use imagefs::layer::estargz::{
 use serde_json::Value;
 
 use crate::cli_mount::{oracle_compare, rule_layers, walk_dir, walk_mount};
+use crate::support::adversary::{Adversary, Recorded, Reply};
 use crate::support::image::Kind;
 use crate::support::mounts::Mount;
 use crate::support::oracle::Oracle;
@@ -438,4 +439,155 @@ fn the_toc_is_what_the_reference_converter_writes_for_the_same_layers() {
             );
         }
     }
+}
+
+/// A small OCI image in `registry` as `small:src`: one gzip layer with a 200 KB file.
+fn small_source(registry: &Registry) {
+    let image = ImageBuilder::new(Format::Oci)
+        .layer(Layer::new(
+            &[Entry::dir(""), Entry::file("data", noise(200_000, 3))],
+            Compression::Gzip,
+        ))
+        .build();
+    registry.push_image("small", "src", &image);
+}
+
+/// `imagefs convert` run off the test's runtime (the adversarial server runs on it).
+async fn convert_fails(imagefs: &Imagefs, src: String, dst: String, want: &str) {
+    let cmd = imagefs.cmd(["convert", &src, &dst]);
+    let out = tokio::task::spawn_blocking(move || cmd.run())
+        .await
+        .unwrap();
+    out.assert_failure_contains(want);
+}
+
+/// A destination that takes HEADs (404) and opens upload sessions; `fault` answers the
+/// PATCHes and PUTs of blobs.
+fn failing_destination(fault: fn() -> Reply) -> impl Fn(&Recorded) -> Reply + Send + Sync {
+    move |r| match r.method.as_str() {
+        "HEAD" => Reply::status(404),
+        "POST" if r.route().ends_with("/blobs/uploads/") => {
+            Reply::status(202).header("location", "/v2/app/blobs/uploads/s1?_state=0")
+        }
+        "PATCH" | "PUT" if r.route().contains("/blobs/uploads/") => fault(),
+        "PUT" => Reply::status(201),
+        _ => Reply::status(404),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_failures_are_clear_and_leave_no_manifest() {
+    let registry = Registry::start(Auth::Anonymous);
+    small_source(&registry);
+    let src = registry.reference("small:src");
+    let imagefs = Imagefs::new();
+
+    // A token registry that gives anonymous users pull rights only.
+    let dst = Registry::start(Auth::Token);
+    convert_fails(
+        &imagefs,
+        src.clone(),
+        dst.reference("public/app:v1"),
+        "push access to public/app denied",
+    )
+    .await;
+    let repos = dst.storage_dir().join("docker/registry/v2/repositories");
+    assert!(!repos.join("public/app/_manifests").exists());
+
+    // 413 on the upload; then a connection dropped at every attempt.
+    for (fault, want) in [
+        (
+            (|| Reply::error(413, "SIZE_INVALID", "request entity too large")) as fn() -> Reply,
+            "too large",
+        ),
+        (Reply::drop_connection, "failed after"),
+    ] {
+        let adv = Adversary::start(failing_destination(fault)).await;
+        convert_fails(
+            &imagefs,
+            src.clone(),
+            format!("{}/app:v1", adv.host()),
+            want,
+        )
+        .await;
+        let requests = adv.requests();
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.method == "PUT" || r.method == "PATCH"),
+            "{requests:#?}"
+        );
+        assert!(
+            requests.iter().all(|r| !r.route().contains("/manifests/")),
+            "{requests:#?}"
+        );
+    }
+}
+
+#[test]
+fn all_platforms_converts_each_image_of_an_index_and_pushes_an_index() {
+    let registry = Registry::start(Auth::Anonymous);
+    let image = |arch: &str| {
+        ImageBuilder::new(Format::Oci)
+            .platform(&format!("linux/{arch}"))
+            .layer(Layer::new(
+                &[
+                    Entry::dir(""),
+                    Entry::file("arch", arch),
+                    Entry::file("blob", noise(100_000, 8)),
+                ],
+                Compression::Gzip,
+            ))
+            .build()
+    };
+    let index = crate::support::IndexBuilder::new(Format::Oci)
+        .image(image("amd64"))
+        .image(image("arm64"))
+        .attestation()
+        .build();
+    registry.push_index("multi", "src", &index);
+    let imagefs = Imagefs::new();
+    let digest = convert(
+        &imagefs,
+        &registry,
+        "multi:src",
+        "multi:esgz",
+        &["--all-platforms"],
+    );
+    let top = manifest(&registry, "multi:esgz");
+    assert_eq!(top["mediaType"], "application/vnd.oci.image.index.v1+json");
+    let entries = top["manifests"].as_array().unwrap();
+    // The attestation described the source's manifests: left out.
+    let platforms: Vec<&str> = entries
+        .iter()
+        .map(|m| m["platform"]["architecture"].as_str().unwrap())
+        .collect();
+    assert_eq!(platforms, ["amd64", "arm64"]);
+    assert!(digest.starts_with("sha256:"));
+    for (m, arch) in entries.iter().zip(["amd64", "arm64"]) {
+        let child = format!("multi@{}", m["digest"].as_str().unwrap());
+        let child = manifest(&registry, &child);
+        assert!(
+            child["layers"][0]["annotations"][TOC_DIGEST_ANNOTATION].is_string(),
+            "{child}"
+        );
+        let fresh = Imagefs::new();
+        let platform = format!("linux/{arch}");
+        let mount = Mount::new_with(
+            &fresh,
+            &["--platform", &platform],
+            &[],
+            &registry.reference("multi:esgz"),
+        );
+        assert_eq!(fs::read_to_string(mount.p("arch")).unwrap(), arch);
+        mount.unmount();
+    }
+    // Without the flag: the host's image alone.
+    let single = convert(&imagefs, &registry, "multi:src", "multi:one", &[]);
+    let one = manifest(&registry, "multi:one");
+    assert_eq!(
+        one["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(single, entries[0]["digest"].as_str().unwrap());
 }
