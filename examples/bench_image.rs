@@ -17,6 +17,12 @@
 //! - `bigfile-estargz`: the `realistic-estargz` layers plus a fifth eStargz layer holding one
 //!   128 MiB file, `/big.bin` (half of each 8 KiB noisy, half compressible), to measure what a
 //!   big cold read costs next to the background fill.
+//! - `many-layers`: 40 gzip layers, each a small slice of a distro: a base layer (busybox as
+//!   `/bin/sh`, `/etc/os-release`), then one package per layer — 30–80 small text files (docs,
+//!   scripts, a config file) and one 200–800 KB binary (`usr/bin/pNN`, half noisy, half
+//!   compressible). Layers 20 and 39 delete files of earlier layers (whiteouts of a whole doc
+//!   directory, of binaries and of single files). About 20 MB of gzip: what an image built by
+//!   many `RUN` steps looks like, to measure what a conversion costs per layer.
 //!
 //! Usage: `bench_image OUT_DIR [--skip-big]`. The layout is read by `skopeo copy oci:OUT_DIR:TAG`.
 
@@ -311,6 +317,109 @@ fn realistic() -> Vec<Vec<Node>> {
     vec![base, tools, app, fixup]
 }
 
+/// The many-layers image: a base, then one small package per layer, two layers deleting
+/// files of earlier ones.
+fn many_layers() -> Vec<Vec<Node>> {
+    let file = |p: String, mode, c| Node::File(p, mode, c);
+    let dir = |p: &str| Node::Dir(p.to_owned());
+    let whiteout = |p: String| Node::File(p, 0o644, Content::Bytes(Vec::new()));
+    let mut sizes = Rng::new(4040);
+    let mut seed = 40_000u64;
+    let mut next = || {
+        seed += 1;
+        seed
+    };
+
+    let mut base = vec![dir("bin"), dir("etc"), dir("tmp")];
+    let busybox = fs::read("/bin/busybox").expect("/bin/busybox (busybox-static) is installed");
+    base.push(file("bin/busybox".into(), 0o755, Content::Bytes(busybox)));
+    for applet in ["sh", "cat", "ls"] {
+        base.push(Node::Symlink(format!("bin/{applet}"), "busybox".into()));
+    }
+    base.push(file(
+        "etc/os-release".into(),
+        0o644,
+        Content::Bytes(
+            b"PRETTY_NAME=\"imagefs bench image\"\nNAME=\"imagefs-bench\"\nID=imagefs-bench\n"
+                .to_vec(),
+        ),
+    ));
+    let mut layers = vec![base];
+    for p in 1..40 {
+        let pkg = format!("p{p:02}");
+        let mut l = vec![
+            dir("etc"),
+            dir("usr"),
+            dir("usr/bin"),
+            dir("usr/share"),
+            dir("usr/share/doc"),
+            dir(&format!("usr/share/doc/{pkg}")),
+            dir("usr/lib"),
+            dir(&format!("usr/lib/{pkg}")),
+        ];
+        let binary = (200 << 10) + sizes.next() % (600 << 10);
+        l.push(file(
+            format!("usr/bin/{pkg}"),
+            0o755,
+            Content::Binary {
+                len: binary,
+                seed: next(),
+            },
+        ));
+        l.push(file(
+            format!("etc/{pkg}.conf"),
+            0o644,
+            Content::Text {
+                len: 200 + sizes.next() % 1800,
+                seed: next(),
+            },
+        ));
+        let small = 30 + sizes.next() % 51;
+        for f in 0..small {
+            let (path, len) = if f % 3 == 0 {
+                (
+                    format!("usr/lib/{pkg}/s{f:02}.sh"),
+                    100 + sizes.next() % 3000,
+                )
+            } else {
+                (
+                    format!("usr/share/doc/{pkg}/d{f:02}.txt"),
+                    200 + sizes.next() % 6000,
+                )
+            };
+            l.push(file(path, 0o644, Content::Text { len, seed: next() }));
+        }
+        match p {
+            // Deletes a whole doc directory, two binaries and a script of earlier layers.
+            20 => {
+                l.push(whiteout("usr/share/doc/.wh.p03".into()));
+                l.push(whiteout("usr/bin/.wh.p05".into()));
+                l.push(whiteout("usr/bin/.wh.p07".into()));
+                l.push(dir("usr/lib/p11"));
+                l.push(whiteout("usr/lib/p11/.wh.s00.sh".into()));
+            }
+            // Deletes another package's files, and a binary replaced by this layer's.
+            39 => {
+                l.push(whiteout("usr/lib/.wh.p12".into()));
+                l.push(whiteout("usr/share/doc/.wh.p12".into()));
+                l.push(whiteout("usr/bin/.wh.p12".into()));
+                l.push(whiteout("etc/.wh.p12.conf".into()));
+                l.push(file(
+                    "usr/bin/p30".into(),
+                    0o755,
+                    Content::Binary {
+                        len: 300 << 10,
+                        seed: next(),
+                    },
+                ));
+            }
+            _ => {}
+        }
+        layers.push(l);
+    }
+    layers
+}
+
 fn tree20k() -> Vec<Vec<Node>> {
     let mut layer = vec![Node::Dir("tree".into())];
     let mut sizes = Rng::new(7);
@@ -597,6 +706,12 @@ fn main() -> io::Result<()> {
     let single = layout.gzip_layer(&single)?;
     manifests.push(layout.image("single-gzip", &[single])?);
 
+    let many: Vec<Blob> = many_layers()
+        .iter()
+        .map(|l| layout.gzip_layer(l))
+        .collect::<io::Result<_>>()?;
+    manifests.push(layout.image("many-layers", &many)?);
+
     let tree: Vec<Blob> = tree20k()
         .iter()
         .map(|l| layout.gzip_layer(l))
@@ -620,7 +735,11 @@ fn main() -> io::Result<()> {
 
     let index = json!({ "schemaVersion": 2, "manifests": manifests });
     fs::write(layout.dir.join("index.json"), serde_json::to_vec(&index)?)?;
-    for (tag, layers) in [("realistic-gzip", &gz), ("realistic-estargz", &esgz)] {
+    for (tag, layers) in [
+        ("realistic-gzip", &gz),
+        ("realistic-estargz", &esgz),
+        ("many-layers", &many),
+    ] {
         let total: u64 = layers.iter().map(|l| l.size).sum();
         eprintln!("{tag}: {} layers, {total} bytes", layers.len());
     }

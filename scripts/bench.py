@@ -8,6 +8,8 @@ directory, then `echo 3 > /proc/sys/vm/drop_caches`). Every figure is the median
 runs with its min and max; ratios are imagefs / peer medians (for throughput rows: peer time
 / imagefs time, i.e. imagefs speed as a fraction of the peer's). Rows C have three sides:
 containerd with the imagefs snapshotter, with stargz-snapshotter, and alone (overlayfs).
+Rows V convert images to eStargz registry to registry: `imagefs convert` against containerd's
+`ctr content fetch` + `ctr-remote image convert` + `ctr image push`.
 Everything it starts is stopped on exit.
 """
 
@@ -210,6 +212,7 @@ class Bench:
         self.addr = None
         self.rows = {}
         self.commands = {}
+        self.pushed = 0
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -346,7 +349,7 @@ class Bench:
         self.umount_all()
         return t
 
-    def ab(self, name, a, b):
+    def ab(self, name, a, b, labels=("imagefs", "peer")):
         """Alternate a() and b() RUNS times; each returns seconds."""
         xs, ys = [], []
         # One untimed round first: the registry keeps per-repository state in memory (blob
@@ -356,7 +359,7 @@ class Bench:
         for i in range(self.runs):
             xs.append(a())
             ys.append(b())
-            log(f"{name} run {i + 1}: imagefs {xs[-1]:.3f} s, peer {ys[-1]:.3f} s")
+            log(f"{name} run {i + 1}: {labels[0]} {xs[-1]:.3f} s, {labels[1]} {ys[-1]:.3f} s")
         return Stat(xs), Stat(ys)
 
     # -- rows -------------------------------------------------------------------------------
@@ -892,6 +895,134 @@ class Bench:
             "bytes in the registry's access log from the start of the pull until the daemons were "
             "stopped, right after the container exited")
 
+    # -- conversion to eStargz: imagefs convert, containerd + ctr-remote ---------------------
+
+    def conv_ref(self, kind):
+        """A destination in a repository no run pushed to yet: nothing is "already there"."""
+        self.pushed += 1
+        return f"{self.addr}/bench/conv-{kind}-{self.pushed}:latest"
+
+    def pushed_layers(self, ref):
+        """(sum of the layer blob sizes, layers, layers with a TOC digest annotation) of the
+        manifest the registry serves for `ref`."""
+        m = json.loads(sh(f"skopeo inspect --raw --tls-verify=false docker://{ref}"))
+        toc = sum(1 for l in m["layers"] if any(k.endswith("stargz/toc.digest")
+                                                for k in l.get("annotations", {})))
+        return sum(l["size"] for l in m["layers"]), len(m["layers"]), toc
+
+    def convert_rows(self, keys):
+        """Rows V1 (realistic-gzip) and V2 (many-layers): registry-to-registry conversion to
+        eStargz, cold. imagefs: `imagefs convert SRC DST` on an empty cache. Peer: a private
+        containerd 1.6 on new directories (started before the clock, stopped after), timed over
+        `ctr content fetch` + `ctr-remote image convert --oci --estargz` + `ctr image push`.
+        Both use their defaults (gzip level 9, 4 MiB chunks) and push to a new repository each
+        run; bytes: the layer blobs of the manifest pushed."""
+        tags = [(k, t) for k, t in [("V1", "realistic-gzip"), ("V2", "many-layers")] if k in keys]
+        res = {}
+        for key, tag in tags:
+            src = self.ref(tag)
+
+            def imagefs_side():
+                self.new_cache()
+                dst = self.conv_ref("imagefs")
+                cmd = self.imagefs(f"convert -q {src} {dst}")
+                drop_caches()
+                t = time.perf_counter()
+                out = sh(cmd)
+                t = time.perf_counter() - t
+                if "Digest: sha256:" not in out:
+                    raise SystemExit(f"bench: `{cmd}` printed no digest:\n{out}")
+                return t, self.pushed_layers(dst)
+
+            def peer_side():
+                d = self.new_dir("ctd-conv")
+                self.ctd = Ctd(d, snapshotter=False)
+                self.ctd.start()
+                dst = self.conv_ref("peer")
+                pfx = f"--address {self.ctd.sock}"
+                out = f">>{d}/ctr.log"
+                cmd = (f"ctr {pfx} content fetch --plain-http {src} {out} && "
+                       f"ctr-remote {pfx} image convert --oci --estargz {src} {dst} {out} && "
+                       f"ctr {pfx} image push --plain-http {dst} {out}")
+                try:
+                    drop_caches()
+                    t = timed(cmd)
+                finally:
+                    self.ctd.stop()
+                return t, self.pushed_layers(dst)
+
+            # One untimed round first, as in `ab`.
+            imagefs_side()
+            peer_side()
+            got = [[], []]
+            for i in range(self.runs):
+                for f, g in zip([imagefs_side, peer_side], got):
+                    g.append(f())
+                log(f"{key} run {i + 1}: " + ", ".join(
+                    f"{n} {g[-1][0]:.3f} s, {g[-1][1][0]:,} B in {g[-1][1][1]} layers "
+                    f"({g[-1][1][2]} with a TOC digest)" for n, g in zip(["imagefs", "peer"], got)))
+            times = [Stat(t for t, _ in g) for g in got]
+            pushed = [Stat(b[0] for _, b in g) for g in got]
+            layers = [(g[-1][1][1], g[-1][1][2]) for g in got]
+            res[key] = (times, pushed, layers, self.blob_size(tag))
+        self.ctd = None
+        self.rows["V"] = res
+        version = sh("containerd --version").split()[2]
+        self.commands["V"] = (
+            self.imagefs(f"convert -q SRC {self.addr}/bench/conv-imagefs-N:latest") +
+            "  (SRC = bench/realistic-gzip or bench/many-layers; new empty cache, caches dropped)",
+            f"a private containerd {version} on new directories, started before the clock; timed: "
+            "ctr content fetch --plain-http SRC && ctr-remote image convert --oci --estargz SRC DST && "
+            f"ctr image push --plain-http DST (each with --address SOCK; DST = "
+            f"{self.addr}/bench/conv-peer-N:latest; caches dropped)")
+
+    def row_prioritized(self):
+        """Row V3: the first read of a converted image with and without a recorded prefetch
+        list. realistic-gzip is converted once as it is; a mount of that with `--record` runs
+        the workload; the image is converted again with `--prioritize` the record. Then, cold,
+        mount + the workload on each, interleaved."""
+        tag = "realistic-gzip"
+        # No /dev in the image: the output is thrown away outside the chroot.
+        work = ("chroot {d} /bin/sh -c 'cat /etc/os-release /etc/passwd && cat /usr/bin/tool00 "
+                "/usr/bin/tool01 /usr/lib/lib01.so.1 /usr/lib/lib02.so.1 /usr/share/locale/l00/m00.mo "
+                "/opt/app/lib/m00/f00.py' >/dev/null")
+        plain, prio = self.conv_ref("v3-plain"), self.conv_ref("v3-prio")
+        self.umount_all()
+        self.new_cache()
+        sh(self.imagefs(f"convert -q {self.ref(tag)} {plain}"))
+        record = self.work / "v3-record.txt"
+        self.new_cache()
+        sh(self.imagefs(f"mount --record {record} {plain} {self.mnt}") + " && " + work.format(d=self.mnt))
+        self.umount_all()
+        recorded = record.read_text().splitlines()
+        log(f"V3: {len(recorded)} files recorded: {' '.join(recorded)}")
+        self.new_cache()
+        sh(self.imagefs(f"convert -q --prioritize {record} {self.ref(tag)} {prio}"))
+        reqs = {plain: [], prio: []}
+
+        def side(ref):
+            def run():
+                self.umount_all()
+                self.new_cache()
+                drop_caches()
+                since = self.access_log_lines()
+                t = timed(self.imagefs(f"mount {ref} {self.mnt}") + " && " + work.format(d=self.mnt))
+                self.umount_all()
+                time.sleep(0.2)  # the registry logs a response a moment after its last byte
+                reqs[ref].append(self.requests_since(since))
+                return t
+            return run
+
+        b, a = self.ab("V3", side(prio), side(plain), labels=("with the list", "without"))
+        # The untimed first round of `ab` also counted requests: keep the timed runs'.
+        self.rows["V3"] = (b, a, b.median / a.median, Stat(reqs[prio][1:]), Stat(reqs[plain][1:]),
+                           len(recorded))
+        self.commands["V3"] = (
+            f"imagefs convert --prioritize RECORD {self.ref(tag)} DST2, RECORD from imagefs mount "
+            f"--record RECORD DST1 MNT + the workload on the image converted without it (DST1); "
+            f"timed: imagefs mount DST2 MNT && {work.format(d='MNT')} (cold: new cache, caches dropped)",
+            "the same on DST1 (converted without --prioritize)")
+
     # -- criterion --------------------------------------------------------------------------
 
     def criterion(self):
@@ -960,7 +1091,9 @@ class Bench:
                      f"**bigfile-estargz** — realistic-estargz plus a layer with one 128 MiB file, "
                      f"{self.blob_size('bigfile-estargz'):,} bytes; **single-gzip** — realistic's "
                      f"first two layers as one gzip layer, {self.blob_size('single-gzip'):,} bytes; "
-                     f"**tree20k-estargz** — tree20k as eStargz" +
+                     f"**tree20k-estargz** — tree20k as eStargz; **many-layers** — 40 gzip layers of "
+                     f"30–80 small files and one 0.2–0.8 MB binary each, whiteouts in two, "
+                     f"{self.blob_size('many-layers'):,} bytes" +
                      (f"; **many1m** — 1,000 directories of 1,000 empty files, "
                       f"{self.blob_size('many1m'):,} bytes" if "many1m" in self.manifests else "") +
                      ".\n")
@@ -1063,6 +1196,34 @@ class Bench:
                 rb = lambda x, y: f"{x.median / y.median:.2f}×" if y.median else "—"
                 lines.append(f"| {key}′ | registry bytes for it (layer blobs: {total:,} B) | {fb(ba)} | {fb(bb)} | "
                              f"{fb(bc)} | {rb(ba, bb)} | {rb(ba, bc)} | — | — |")
+        if "V" in r or "V3" in r:
+            lines.append("\n### Conversion to eStargz: `imagefs convert` and containerd + ctr-remote (same registry, same run)\n")
+            lines.append("Registry to registry, cold: `imagefs convert SRC DST` on an empty cache, against a "
+                         "private containerd (new root and state each run, started before the clock) running "
+                         "`ctr content fetch` + `ctr-remote image convert --oci --estargz` + `ctr image push`, "
+                         "the same job in three commands; both with their defaults (gzip level 9, 4 MiB "
+                         "chunks), caches dropped, each run pushing to a new repository; runs interleave the "
+                         "two. Bytes pushed: the sizes of the layer blobs in the manifest each pushed, read "
+                         "back from the registry. V3: mount + a small workload on realistic-gzip converted "
+                         "by imagefs, cold, with the files a recorded run of the same workload read put "
+                         "first (`mount --record` → `convert --prioritize`) against without.\n")
+            lines.append("| # | metric | imagefs | containerd + ctr-remote | ratio | target | met |")
+            lines.append("|---|---|---|---|---|---|---|")
+            for key, what in [("V1", "realistic-gzip"), ("V2", "many-layers")]:
+                if key not in r.get("V", {}):
+                    continue
+                (a, b), (pa, pb), (la, lb), total = r["V"][key]
+                q = a.median / b.median
+                lines.append(f"| {key} | convert to eStargz, registry to registry, {what} ({total:,} B of gzip), cold | "
+                             f"{a.fmt()} | {b.fmt()} | {q:.2f}× | ≤ 0.5× | {ok(q <= 0.5)} |")
+                fb = lambda s, l: f"{s.median:,.0f} B ({s.min:,.0f}–{s.max:,.0f}), {l[0]} layers, {l[1]} with a TOC digest"
+                lines.append(f"| {key}′ | layer blob bytes pushed | {fb(pa, la)} | {fb(pb, lb)} | "
+                             f"{pa.median / pb.median:.3f}× | — | — |")
+            if "V3" in r:
+                b, a, q, rb, ra, n = r["V3"]
+                lines.append(f"| V3 | mount → workload ({n} files), realistic-gzip converted by imagefs, cold, "
+                             f"with the recorded list (`--prioritize`) | {b.fmt()}, {rb.median:.0f} registry requests | "
+                             f"without: {a.fmt()}, {ra.median:.0f} registry requests | {q:.2f}× | < 1× | {ok(q < 1)} |")
         lines.append("\n## Commands\n")
         for key, (a, b) in self.commands.items():
             lines.append(f"- row {key}: imagefs: `{a}`" + (f"; peer: `{b}`" if b else ""))
@@ -1088,7 +1249,7 @@ def main():
     p.add_argument("--out", default=str(ROOT / "docs/benchmarks.md"))
     p.add_argument("--quick", action="store_true", help="skip the 1 GiB image and criterion")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--only", default="", help="comma-separated rows to run, e.g. 1,7 or S,C1,C2")
+    p.add_argument("--only", default="", help="comma-separated rows to run, e.g. 1,7 or S,C1,C2 or V1,V2,V3")
     args = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (FUSE mounts, chroot, drop_caches)")
@@ -1127,6 +1288,10 @@ def main():
             b.stargz_rows()
         if run("C1") or run("C2"):
             b.containerd_rows([k for k in ("C1", "C2") if run(k)])
+        if run("V1") or run("V2"):
+            b.convert_rows([k for k in ("V1", "V2") if run(k)])
+        if run("V3"):
+            b.row_prioritized()
         crit = b.criterion() if want is None else None
         b.write(crit, started)
     finally:
