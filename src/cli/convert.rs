@@ -52,6 +52,9 @@ pub enum Format {
 
 pub async fn run(ctx: &Context, args: ConvertArgs) -> anyhow::Result<ExitCode> {
     let Format::Estargz = args.format;
+    if ctx.offline {
+        anyhow::bail!("convert pushes to a registry: it cannot run with --offline");
+    }
     let src = common::parse_reference(&args.source)?;
     let dst = common::parse_reference(&args.destination)?;
     if args.chunk_size == 0 {
@@ -91,6 +94,9 @@ pub async fn run(ctx: &Context, args: ConvertArgs) -> anyhow::Result<ExitCode> {
         &progress,
     )
     .await?;
+    // The source is in the cache now, as after a pull: the cache bound applies (nothing
+    // needs protecting, the result is pushed).
+    crate::image::engine::enforce_cache_bound(&ctx.store, ctx.cache_max, &digest);
     println!("Digest: {digest}");
     Ok(ExitCode::SUCCESS)
 }

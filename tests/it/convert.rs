@@ -481,6 +481,15 @@ async fn push_failures_are_clear_and_leave_no_manifest() {
     small_source(&registry);
     let src = registry.reference("small:src");
     let imagefs = Imagefs::new();
+    let offline = imagefs
+        .cmd([
+            "--offline",
+            "convert",
+            &src,
+            &registry.reference("small:esgz"),
+        ])
+        .run();
+    offline.assert_failure_contains("cannot run with --offline");
 
     // A token registry that gives anonymous users pull rights only.
     let dst = Registry::start(Auth::Token);
