@@ -26,7 +26,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -396,16 +396,26 @@ fn rewrite_layer(
         if is_meta_name(&e.path) {
             continue;
         }
-        let content = match e.data {
-            Some(data) if e.kind == EntryKind::File => {
-                crate::layer::tar::read_data(&data_dir, &index, data).map_err(io_err(format!(
-                    "reading {} of layer {diff_id}",
-                    String::from_utf8_lossy(&e.path)
-                )))?
-            }
-            _ => Vec::new(),
-        };
-        w.append(e, &content).map_err(write_err)?;
+        let read_err = io_err(format!(
+            "reading {} of layer {diff_id}",
+            String::from_utf8_lossy(&e.path)
+        ));
+        match e.data {
+            // Small files sit in the layer's pack; bigger ones are read a chunk at a time.
+            Some(data) if e.kind == EntryKind::File => match index.packed.get(data) {
+                Some(at) => {
+                    let bytes =
+                        crate::layer::extract::read_packed(&data_dir, at).map_err(read_err)?;
+                    w.append(e, &bytes).map_err(write_err)?;
+                }
+                None => {
+                    let path = crate::layer::tar::data_path(&data_dir, data);
+                    let mut file = BufReader::new(File::open(&path).map_err(read_err)?);
+                    w.append_from(e, e.size, &mut file).map_err(write_err)?;
+                }
+            },
+            _ => w.append(e, &[]).map_err(write_err)?,
+        }
     }
     let written = w.finish().map_err(write_err)?;
     let HashingWriter { mut inner, hasher } = written.blob;

@@ -149,6 +149,12 @@ pub enum WriteError {
     Level(u32),
     #[error("cannot write {path:?} into an eStargz layer: {reason}")]
     Entry { path: String, reason: String },
+    #[error("reading the content of {path:?}")]
+    Read {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("writing the eStargz blob")]
     Io {
         #[source]
@@ -232,7 +238,20 @@ impl<W: Write> Writer<W> {
 
     /// Append one entry; `content` is a file's data (its size is `content.len()`), ignored
     /// for other kinds. Names, link targets and xattr names must be UTF-8: the TOC is JSON.
-    pub fn append(&mut self, entry: &Entry, content: &[u8]) -> Result<(), WriteError> {
+    pub fn append(&mut self, entry: &Entry, mut content: &[u8]) -> Result<(), WriteError> {
+        let size = content.len() as u64;
+        self.append_from(entry, size, &mut content)
+    }
+
+    /// [`append`](Writer::append) with a file's `size` bytes read from `content`, one chunk
+    /// at a time: a file costs one chunk of memory, whatever its size. Fewer bytes than
+    /// `size` is an error.
+    pub fn append_from(
+        &mut self,
+        entry: &Entry,
+        size: u64,
+        content: &mut dyn io::Read,
+    ) -> Result<(), WriteError> {
         if !self.landmark_done {
             let due = match self.options.landmark {
                 Landmark::Prefetch { after } => self.appended == after,
@@ -243,7 +262,7 @@ impl<W: Write> Writer<W> {
             }
         }
         self.appended += 1;
-        self.entry(entry, content)
+        self.entry(entry, size, content)
     }
 
     /// Write the TOC and the footer; the landmark too if no entry came to its place.
@@ -300,50 +319,74 @@ impl<W: Write> Writer<W> {
         let mut e = Entry::new(name, EntryKind::File, 0);
         e.size = 1;
         // One byte, as the Go writer's landmark files hold.
-        self.entry(&e, &[0x0f])
+        self.entry(&e, 1, &mut &[0x0f][..])
     }
 
-    fn entry(&mut self, entry: &Entry, content: &[u8]) -> Result<(), WriteError> {
+    fn entry(
+        &mut self,
+        entry: &Entry,
+        size: u64,
+        content: &mut dyn io::Read,
+    ) -> Result<(), WriteError> {
         let name = tar_name(entry)?;
-        let content = if entry.kind == EntryKind::File {
-            content
+        let size = if entry.kind == EntryKind::File {
+            size
         } else {
-            &[]
+            0
         };
-        let bytes = tar_entry(entry, &name, content).map_err(|e| entry_error(&name, e))?;
+        let header = tar_header(entry, &name, size).map_err(|e| entry_error(&name, e))?;
         let mut te = TocOut::new(&name, entry)?;
-        if entry.kind != EntryKind::File || content.is_empty() {
+        if size == 0 {
             if entry.kind == EntryKind::File {
                 te.digest = Some(Digest::sha256(&[]).to_string());
             }
             self.toc.push(te);
-            return self.write(&bytes);
+            return self.write(&header);
         }
-        let padded = content.len().div_ceil(512) * 512;
-        let header_len = bytes.len() - padded;
-        self.write(&bytes[..header_len])?;
-        te.size = Some(content.len() as u64);
-        te.digest = Some(Digest::sha256(content).to_string());
+        self.write(&header)?;
+        te.size = Some(size);
+        // The file's entry is its first chunk's; its digest is known once all is read.
+        let first = self.toc.len();
+        let mut whole = Hasher::new(Algorithm::Sha256);
         let mut te = Some(te);
         let chunk_size = self.options.chunk_size;
-        let mut pos = 0usize;
-        while pos < content.len() {
+        let mut buf = vec![0u8; size.min(chunk_size) as usize];
+        let mut pos = 0u64;
+        while pos < size {
             self.close()?;
-            let remain = (content.len() - pos) as u64;
-            let size = remain.min(chunk_size) as usize;
-            let data = &content[pos..pos + size];
+            let remain = size - pos;
+            let data = &mut buf[..remain.min(chunk_size) as usize];
+            content
+                .read_exact(data)
+                .map_err(|source| WriteError::Read {
+                    path: name.clone(),
+                    source,
+                })?;
             let mut ce = te.take().unwrap_or_else(|| TocOut::chunk(&name));
             // The member this chunk opens; its offset is known once it is written out.
             ce.member = Some(self.members);
-            ce.chunk_offset = (pos > 0).then_some(pos as u64);
+            ce.chunk_offset = (pos > 0).then_some(pos);
             // As the Go writer: chunkSize on full chunks only; the last runs to the end.
-            ce.chunk_size = (remain >= chunk_size).then_some(size as u64);
+            ce.chunk_size = (remain >= chunk_size).then_some(data.len() as u64);
             ce.chunk_digest = Some(Digest::sha256(data).to_string());
+            if size > chunk_size {
+                whole.update(data);
+            }
             self.toc.push(ce);
             self.write(data)?;
-            pos += size;
+            pos += data.len() as u64;
         }
-        self.write(&bytes[header_len + content.len()..])
+        // A file of one chunk: its digest is the chunk's.
+        let digest = match size > chunk_size {
+            true => whole.finish().to_string(),
+            false => self.toc[first]
+                .chunk_digest
+                .clone()
+                .expect("a chunk digest"),
+        };
+        self.toc[first].digest = Some(digest);
+        let padding = (512 - size % 512) % 512;
+        self.write(&[0u8; 512][..padding as usize])
     }
 
     /// Uncompressed bytes into the open member (a new one if none is open).
@@ -428,8 +471,9 @@ fn tar_name(entry: &Entry) -> Result<String, WriteError> {
     })
 }
 
-/// One entry as tar bytes: extension headers, header, content and padding.
-fn tar_entry(entry: &Entry, name: &str, content: &[u8]) -> io::Result<Vec<u8>> {
+/// One entry's tar headers (extension headers and header) for a file of `size` bytes: its
+/// content and padding follow.
+fn tar_header(entry: &Entry, name: &str, size: u64) -> io::Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     let mut pax: Vec<(String, Vec<u8>)> = entry
         .xattrs
@@ -476,8 +520,8 @@ fn tar_entry(entry: &Entry, name: &str, content: &[u8]) -> io::Result<Vec<u8>> {
             b.append_link(&mut h, name, target.as_ref())?;
         }
         (EntryKind::File, _) => {
-            h.set_size(content.len() as u64);
-            b.append_data(&mut h, name, content)?;
+            h.set_size(size);
+            b.append_data(&mut h, name, io::empty())?;
         }
         _ => {
             h.set_size(0);
@@ -733,6 +777,26 @@ mod tests {
             assert!(matches!(err, WriteError::Entry { .. }), "{path}: {msg}");
             assert!(msg.contains(want), "{path}: {msg}");
         }
+    }
+
+    #[test]
+    fn content_read_a_chunk_at_a_time_and_a_short_read_is_an_error() {
+        let options = WriterOptions {
+            chunk_size: CHUNK,
+            ..WriterOptions::default()
+        };
+        let built = build(&sample(), &options).unwrap();
+        let mut w = Writer::new(Vec::new(), &options).unwrap();
+        for (e, content) in &sample() {
+            w.append_from(e, content.len() as u64, &mut &content[..])
+                .unwrap();
+        }
+        assert_eq!(w.finish().unwrap().blob, built.blob);
+
+        let mut w = Writer::new(Vec::new(), &options).unwrap();
+        let big = entry("big", EntryKind::File, 0o644);
+        let err = w.append_from(&big, 10, &mut &b"short"[..]).unwrap_err();
+        assert!(matches!(err, WriteError::Read { .. }), "{err}");
     }
 
     #[test]
