@@ -38,7 +38,6 @@ use crate::layer::estargz::{
     WriterOptions, is_meta_name,
 };
 use crate::layer::index::{Entry, EntryKind, LayerIndex, path_components};
-use crate::oci::digest::Algorithm;
 use crate::oci::manifest::{Descriptor, ImageIndex, ImageManifest};
 use crate::oci::{Digest, Hasher, media};
 use crate::reference::Reference;
@@ -193,7 +192,10 @@ pub async fn convert_image(
         ));
     }
 
-    // Rewrite, each layer on a blocking thread (its members compress on the pool).
+    // Rewrite, each layer on a blocking thread (its members compress on the pool), as many
+    // at once as the pool has threads: enough to keep it busy, and each writer holds a few
+    // chunks in flight, so the memory stays bounded however many layers there are.
+    let writers = Arc::new(tokio::sync::Semaphore::new(options.threads.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, job) in jobs.iter().enumerate() {
         if estargz[i] {
@@ -203,9 +205,18 @@ pub async fn convert_image(
         let order = orders[i].take();
         let writer = options.writer;
         let stage = progress(&job.digest);
-        tasks.spawn_blocking(move || {
-            stage(Stage::Rewriting);
-            let r = rewrite_layer(&store, &job.diff_id, order, &writer, &pool);
+        let writers = writers.clone();
+        tasks.spawn(async move {
+            let _permit = writers
+                .acquire_owned()
+                .await
+                .expect("semaphore never closes");
+            let r = tokio::task::spawn_blocking(move || {
+                stage(Stage::Rewriting);
+                rewrite_layer(&store, &job.diff_id, order, &writer, &pool)
+            })
+            .await
+            .expect("rewrite task panicked");
             (i, r)
         });
     }
@@ -374,15 +385,12 @@ fn rewrite_layer(
     std::fs::create_dir_all(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
     let file = tempfile::NamedTempFile::new_in(&tmp)
         .map_err(io_err(format!("a temporary file in {}", tmp.display())))?;
-    let out = HashingWriter {
-        inner: BufWriter::with_capacity(
-            1 << 20,
-            file.as_file()
-                .try_clone()
-                .map_err(io_err("a temporary file".to_owned()))?,
-        ),
-        hasher: Hasher::new(Algorithm::Sha256),
-    };
+    let out = BufWriter::with_capacity(
+        1 << 20,
+        file.as_file()
+            .try_clone()
+            .map_err(io_err("a temporary file".to_owned()))?,
+    );
     let write_err = |source| ConvertError::Write {
         digest: diff_id.clone(),
         source,
@@ -418,37 +426,18 @@ fn rewrite_layer(
         }
     }
     let written = w.finish().map_err(write_err)?;
-    let HashingWriter { mut inner, hasher } = written.blob;
-    inner
-        .flush()
+    let mut out = written.blob;
+    out.flush()
         .map_err(io_err("writing a temporary file".to_owned()))?;
     Ok(Rewritten {
         file,
-        digest: hasher.finish(),
+        digest: written.digest,
         size: written.size,
         diff_id: written.diff_id,
         toc_digest: written.toc_digest,
         uncompressed_size: written.uncompressed_size,
         prioritized: first,
     })
-}
-
-/// Hashes what it writes: the blob digest of a layer as it is written.
-struct HashingWriter<W> {
-    inner: W,
-    hasher: Hasher,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 /// The order to write a layer's `entries` in so that the `wanted` files this layer provides

@@ -134,6 +134,8 @@ pub struct Written<W = Vec<u8>> {
     pub diff_id: Digest,
     /// Blob offset of the TOC member (what the footer says).
     pub toc_offset: u64,
+    /// sha256 of the blob: its digest in the manifest.
+    pub digest: Digest,
     /// Bytes written: the blob's size.
     pub size: u64,
     /// Bytes of the uncompressed tar: the `io.containers.estargz.uncompressed-size`
@@ -177,8 +179,9 @@ pub fn build(entries: &[(Entry, Vec<u8>)], options: &WriterOptions) -> Result<Wr
 pub struct Writer<W: Write> {
     out: W,
     options: WriterOptions,
-    /// Bytes written to `out` so far.
+    /// Bytes written to `out` so far, and their hash.
     offset: u64,
+    blob: Hasher,
     /// The open member's uncompressed bytes.
     member: Option<Vec<u8>>,
     /// Members closed so far: the number of the next one.
@@ -223,6 +226,7 @@ impl<W: Write> Writer<W> {
             out,
             options: *options,
             offset: 0,
+            blob: Hasher::new(Algorithm::Sha256),
             member: None,
             members: 0,
             member_offsets: Vec::new(),
@@ -304,6 +308,7 @@ impl<W: Write> Writer<W> {
             toc_digest,
             diff_id: self.diff.finish(),
             toc_offset,
+            digest: self.blob.finish(),
             size: self.offset,
             uncompressed_size: self.uncompressed,
         })
@@ -442,6 +447,7 @@ impl<W: Write> Writer<W> {
         self.out
             .write_all(bytes)
             .map_err(|source| WriteError::Io { source })?;
+        self.blob.update(bytes);
         self.offset += bytes.len() as u64;
         Ok(())
     }
@@ -815,6 +821,7 @@ mod tests {
         let streamed = w.finish().unwrap();
         assert_eq!(streamed.blob.into_inner(), built.blob);
         assert_eq!(built.size, built.blob.len() as u64);
+        assert_eq!(built.digest, Digest::sha256(&built.blob));
         assert_eq!(
             (streamed.toc_digest, streamed.diff_id, streamed.toc_offset),
             (
