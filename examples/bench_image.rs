@@ -196,19 +196,14 @@ fn realistic() -> Vec<Vec<Node>> {
         dir("usr/share"),
         dir("tmp"),
     ];
-    let busybox = fs::read("/bin/busybox").expect("/bin/busybox (busybox-static) is installed");
-    base.push(file("bin/busybox".into(), 0o755, Content::Bytes(busybox)));
-    for applet in ["sh", "cat", "ls", "find", "tar", "sha256sum"] {
-        base.push(Node::Symlink(format!("bin/{applet}"), "busybox".into()));
-    }
-    base.push(file(
-        "etc/os-release".into(),
-        0o644,
-        Content::Bytes(
-            b"PRETTY_NAME=\"imagefs bench image\"\nNAME=\"imagefs-bench\"\nID=imagefs-bench\n"
-                .to_vec(),
-        ),
-    ));
+    base.extend(busybox_and_os_release(&[
+        "sh",
+        "cat",
+        "ls",
+        "find",
+        "tar",
+        "sha256sum",
+    ]));
     base.push(file(
         "etc/passwd".into(),
         0o644,
@@ -331,19 +326,7 @@ fn many_layers() -> Vec<Vec<Node>> {
     };
 
     let mut base = vec![dir("bin"), dir("etc"), dir("tmp")];
-    let busybox = fs::read("/bin/busybox").expect("/bin/busybox (busybox-static) is installed");
-    base.push(file("bin/busybox".into(), 0o755, Content::Bytes(busybox)));
-    for applet in ["sh", "cat", "ls"] {
-        base.push(Node::Symlink(format!("bin/{applet}"), "busybox".into()));
-    }
-    base.push(file(
-        "etc/os-release".into(),
-        0o644,
-        Content::Bytes(
-            b"PRETTY_NAME=\"imagefs bench image\"\nNAME=\"imagefs-bench\"\nID=imagefs-bench\n"
-                .to_vec(),
-        ),
-    ));
+    base.extend(busybox_and_os_release(&["sh", "cat", "ls"]));
     let mut layers = vec![base];
     for p in 1..40 {
         let pkg = format!("p{p:02}");
@@ -476,6 +459,29 @@ fn big1g() -> Vec<Vec<Node>> {
             seed: 99,
         },
     )]]
+}
+
+/// The host's static busybox as `/bin/busybox`, `applets` linked to it, and `/etc/os-release`:
+/// what every bench image's base layer has.
+fn busybox_and_os_release(applets: &[&str]) -> Vec<Node> {
+    let busybox = fs::read("/bin/busybox").expect("/bin/busybox (busybox-static) is installed");
+    let mut nodes = vec![Node::File(
+        "bin/busybox".into(),
+        0o755,
+        Content::Bytes(busybox),
+    )];
+    for applet in applets {
+        nodes.push(Node::Symlink(format!("bin/{applet}"), "busybox".into()));
+    }
+    nodes.push(Node::File(
+        "etc/os-release".into(),
+        0o644,
+        Content::Bytes(
+            b"PRETTY_NAME=\"imagefs bench image\"\nNAME=\"imagefs-bench\"\nID=imagefs-bench\n"
+                .to_vec(),
+        ),
+    ));
+    nodes
 }
 
 /// Hashes and counts what passes through.

@@ -82,7 +82,7 @@ fn two_layers(filler: usize) -> Image {
 
 /// Convert `src` (REPO:TAG in `registry`) to eStargz as `dst` with the reference tool, push
 /// it, and drop both from containerd again (content included), so a pull starts cold.
-fn convert_to_estargz(c: &Containerd, registry: &Registry, src: &str, dst: &str) {
+pub(crate) fn convert_to_estargz(c: &Containerd, registry: &Registry, src: &str, dst: &str) {
     let (src, dst) = (registry.reference(src), registry.reference(dst));
     // Fetched, not unpacked: containerd's applier refuses a hardlink to a file of a lower
     // layer, which the rules image has.

@@ -403,14 +403,7 @@ fn the_toc_is_what_the_reference_converter_writes_for_the_same_layers() {
     let imagefs = Imagefs::new();
     convert(&imagefs, &registry, "interop:src", "interop:imagefs", &[]);
     let c = crate::support::containerd::Containerd::start(&[]);
-    let src = registry.reference("interop:src");
-    let dst = registry.reference("interop:ctr");
-    c.ctr(&["content", "fetch", "--plain-http", &src])
-        .assert_success();
-    c.ctr_remote(&["image", "convert", "--oci", "--estargz", &src, &dst])
-        .assert_success();
-    c.ctr(&["image", "push", "--plain-http", &dst])
-        .assert_success();
+    crate::containerd::convert_to_estargz(&c, &registry, "interop:src", "interop:ctr");
 
     let ours = tocs(&registry, "interop:imagefs");
     let theirs = tocs(&registry, "interop:ctr");
