@@ -6,6 +6,7 @@ mod cache;
 mod common;
 mod convert;
 mod inspect;
+mod keeper;
 mod layers;
 mod mount;
 mod progress;
@@ -132,6 +133,10 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// Unmount an imagefs mount point
     Umount(mount::UmountArgs),
+    /// List the live mounts of the cache: keeper and server processes, restarts, uptime
+    Ps(keeper::PsArgs),
+    /// Replace the servers of live mounts by this binary, without unmounting
+    Upgrade(keeper::UpgradeArgs),
     /// Serve containerd's snapshots API: containers start from lazily served images
     Snapshotter(snapshotter::SnapshotterArgs),
     /// Make an image lazy: rewrite its layers as eStargz and push it to another reference
@@ -144,6 +149,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // Mount manages its own runtime (it may daemonise first).
         Command::Mount(args) => mount::run(&cli.global, args),
         Command::Umount(args) => mount::umount(args),
+        Command::Ps(args) => keeper::ps(&cli.global, args),
+        Command::Upgrade(args) => keeper::upgrade(&cli.global, args),
         Command::Snapshotter(args) => snapshotter::run(&cli.global, args),
         command => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -157,7 +164,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Command::Layers(a) => layers::run(&ctx, a).await,
                     Command::Cache(a) => cache::run(&ctx, a),
                     Command::Convert(a) => convert::run(&ctx, a).await,
-                    Command::Mount(_) | Command::Umount(_) | Command::Snapshotter(_) => {
+                    Command::Mount(_)
+                    | Command::Umount(_)
+                    | Command::Ps(_)
+                    | Command::Upgrade(_)
+                    | Command::Snapshotter(_) => {
                         unreachable!()
                     }
                 }

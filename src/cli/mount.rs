@@ -21,6 +21,7 @@ use clap::Args;
 
 use super::GlobalOpts;
 use super::common::{self, Context};
+use crate::fs::keeper::{KeeperConfig, KeeperLink, Start};
 use crate::fs::{MetaFiles, MountOptions};
 use crate::image::{MountedImage, Prefetch, ServeOptions};
 
@@ -124,7 +125,11 @@ pub struct UmountArgs {
 }
 
 pub fn run(g: &GlobalOpts, mut args: MountArgs) -> anyhow::Result<ExitCode> {
-    // The daemon of a `mount` runs this again; its parent holds the mount point's lock.
+    // A server started by a keeper: mount, or take the keeper's mount over.
+    if let Some(link) = KeeperLink::from_env() {
+        return server(g, &args, link);
+    }
+    // The keeper a `mount` started; its parent holds the mount point's lock.
     let daemon = std::env::var_os(READY_ENV).is_some();
     let mp = &args.mountpoint;
     let meta = std::fs::metadata(mp).with_context(|| format!("mount point {}", mp.display()))?;
@@ -154,7 +159,7 @@ pub fn run(g: &GlobalOpts, mut args: MountArgs) -> anyhow::Result<ExitCode> {
     }
     args.mountpoint = canonical;
     if args.foreground || daemon {
-        foreground(g, &args, lock)
+        keep(g, &args, lock)
     } else {
         let code = daemonise(g, &args)?;
         drop(lock);
@@ -231,7 +236,8 @@ fn check_unreachable_by_others(mp: &Path) -> anyhow::Result<()> {
     )
 }
 
-/// Re-run ourselves with `--foreground` in a new session and wait until it says `ready`.
+/// Re-run ourselves (the keeper, which starts the server) in a new session and wait until the
+/// server says `ready`.
 fn daemonise(g: &GlobalOpts, args: &MountArgs) -> anyhow::Result<ExitCode> {
     let cache = common::cache_dir(g)?;
     // Checked (and created) before anything is written into it.
@@ -298,14 +304,37 @@ fn daemonise(g: &GlobalOpts, args: &MountArgs) -> anyhow::Result<ExitCode> {
     bail!("{msg}")
 }
 
-/// Resolve, mount, tell the parent (if any), serve until unmounted or signalled.
-fn foreground(
-    g: &GlobalOpts,
-    args: &MountArgs,
-    lock: Option<std::fs::File>,
-) -> anyhow::Result<ExitCode> {
+/// The keeper of the mount (see `fs::keeper`): it starts the server (this binary, same
+/// arguments), holds the mount's connection, restarts the server if it dies, and unmounts on
+/// SIGINT/SIGTERM. Returns when the mount is gone.
+fn keep(g: &GlobalOpts, args: &MountArgs, lock: Option<std::fs::File>) -> anyhow::Result<ExitCode> {
+    let cache = common::cache_dir(g)?;
+    crate::store::Store::open(&cache)
+        .with_context(|| format!("cannot use cache directory {}", cache.display()))?;
+    // Read once (from the user's stdin, or the `mount` that started us), handed to every
+    // server on a pipe.
+    let credentials = common::credentials(g)?;
+    let cfg = KeeperConfig {
+        exe: std::env::current_exe().context("locating the imagefs executable")?,
+        args: std::env::args_os().skip(1).collect(),
+        envs: vec![
+            (common::HANDED_CREDENTIALS_ENV.into(), "1".into()),
+            ("IMAGEFS_CACHE_DIR".into(), cache.clone().into()),
+        ],
+        stdin: common::handed_credentials_line(credentials.as_ref()).into_bytes(),
+        mountpoint: args.mountpoint.clone(),
+        run_dir: cache.join("run"),
+        hold_until_serving: lock,
+    };
+    let code = crate::fs::keeper::run(cfg).context("running the mount's keeper")?;
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+/// A server: mount (reporting `ready`, or the error, to the `mount` that started the keeper)
+/// or take the live mount over, then serve until the mount goes away.
+fn server(g: &GlobalOpts, args: &MountArgs, link: KeeperLink) -> anyhow::Result<ExitCode> {
     let notify = std::env::var_os(READY_ENV).is_some();
-    let result = serve(g, args, notify, lock);
+    let result = serve(g, args, &link, notify);
     if notify && let Err(e) = &result {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "error: {}", super::error_line(e));
@@ -314,13 +343,27 @@ fn foreground(
     result
 }
 
+/// The keeper's state for the next server: which manifest this mount serves (a tag may have
+/// moved since; the mount must not).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServerState {
+    manifest_digest: crate::oci::Digest,
+}
+
+/// Set (to anything) in `mount`'s environment: servers taking the mount over do not ask the
+/// kernel to resend the requests their predecessor left unanswered (what a kernel without
+/// FUSE_NOTIFY_RESEND does; for tests and comparison).
+const NO_RESEND_ENV: &str = "IMAGEFS_NO_RESEND";
+
 fn serve(
     g: &GlobalOpts,
     args: &MountArgs,
+    link: &KeeperLink,
     notify: bool,
-    lock: Option<std::fs::File>,
 ) -> anyhow::Result<ExitCode> {
     crate::image::engine::tune_allocator();
+    let start = link.start().context("starting from the keeper")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
@@ -328,17 +371,25 @@ fn serve(
     let ctx = rt.block_on(async { Context::new(g) })?;
     let reference = common::parse_reference(&args.reference)?;
     let resolver = ctx.resolver();
-    let resolved = rt.block_on(resolver.resolve(&reference))?;
+    // Taking over: the very manifest the mount was made from, found in the store.
+    let pinned = match &start {
+        Start::TakeOver { state, .. } => {
+            let state: ServerState = serde_json::from_value(state.clone())
+                .context("the keeper's state is not this version's")?;
+            Some(reference.with_digest(state.manifest_digest))
+        }
+        Start::Mount => None,
+    };
+    let resolved = rt.block_on(resolver.resolve(pinned.as_ref().unwrap_or(&reference)))?;
     let meta = MetaFiles {
         config: resolved.config_bytes.clone(),
         manifest: resolved.manifest_bytes.clone(),
         digest: resolved.manifest_digest.to_string(),
         id: resolved.image_id().to_string(),
     };
+    let digest = resolved.manifest_digest.clone();
     // `cache ls` shows the mount, and eviction keeps its image, for as long as we serve.
-    let _registration = ctx
-        .store
-        .register_mount(&resolved.manifest_digest, &args.mountpoint)?;
+    let _registration = ctx.store.register_mount(&digest, &args.mountpoint)?;
     let image = Arc::new(MountedImage::new(
         ctx.store.clone(),
         resolver.source(&reference),
@@ -365,20 +416,23 @@ fn serve(
         nosuid: !(args.suid || args.rootfs),
         nodev: !(args.dev || args.rootfs),
         record: args.record.clone(),
+        survivable: true,
     };
-    let mounted = crate::fs::mount(image, Some(meta), &args.mountpoint, &opts)?;
-    drop(lock);
-    let unmounter = mounted.unmounter();
-    rt.spawn(async move {
-        common::terminated().await;
-        tracing::info!("signal received, unmounting");
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = unmounter.unmount() {
-                tracing::error!("{}", crate::error::Chain(&e));
-            }
-        })
-        .await;
-    });
+    let mounted = match start {
+        Start::Mount => {
+            let mounted = crate::fs::mount(image, Some(meta), &args.mountpoint, &opts)?;
+            let state = serde_json::to_value(ServerState {
+                manifest_digest: digest.clone(),
+            })?;
+            link.mounted(mounted.handoff()?, state)
+                .context("handing the mount to the keeper")?;
+            mounted
+        }
+        Start::TakeOver { handoff, .. } => {
+            let resend = std::env::var_os(NO_RESEND_ENV).is_none();
+            crate::fs::take_over(image, Some(meta), &args.mountpoint, &opts, handoff, resend)?
+        }
+    };
     if notify {
         let mut out = std::io::stdout().lock();
         writeln!(out, "ready")?;
@@ -387,6 +441,11 @@ fn serve(
         // The parent is gone after `ready`: stdout and stdin must not keep its pipe/terminal.
         detach_stdio();
     }
+    link.serving(serde_json::json!({
+        "reference": reference.to_string(),
+        "manifestDigest": digest.to_string(),
+        "passthrough": mounted.passthrough(),
+    }))?;
     mounted.run()?;
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(ExitCode::SUCCESS)

@@ -22,8 +22,6 @@ pub(crate) enum OpError {
     NoAttr,
     #[error("buffer too small")]
     TooSmall,
-    #[error("file handle is not open")]
-    NotOpen,
     #[error("the image tree is unavailable")]
     Tree(#[source] BackendError),
     #[error("fetching layer {layer} file {id} failed")]
@@ -52,7 +50,7 @@ impl OpError {
             OpError::NotDir | OpError::NotSymlink | OpError::NotFile | OpError::ReadOnly => {
                 tracing::debug!(op, ino, "{self}")
             }
-            OpError::NotOpen | OpError::Tree(_) | OpError::Data { .. } | OpError::Read { .. } => {
+            OpError::Tree(_) | OpError::Data { .. } | OpError::Read { .. } => {
                 tracing::warn!(op, ino, "{line}")
             }
         }
@@ -63,7 +61,6 @@ impl OpError {
             OpError::ReadOnly => Errno::EROFS,
             OpError::NoAttr => Errno::NO_XATTR,
             OpError::TooSmall => Errno::ERANGE,
-            OpError::NotOpen => Errno::EBADF,
             OpError::Tree(_) | OpError::Data { .. } | OpError::Read { .. } => Errno::EIO,
         }
     }
@@ -83,7 +80,6 @@ mod tests {
             (OpError::ReadOnly, libc::EROFS),
             (OpError::NoAttr, libc::ENODATA),
             (OpError::TooSmall, libc::ERANGE),
-            (OpError::NotOpen, libc::EBADF),
             (OpError::Tree(backend()), libc::EIO),
             (
                 OpError::Data {

@@ -8,7 +8,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -23,8 +23,9 @@ use super::Backend;
 use super::attr::{BLKSIZE, TTL, id_of, inode_attr, placeholder_root_attr};
 use super::errno::OpError;
 use super::meta::{self, MetaTable, Sized};
-use super::open::{OpenFile, OpenTable, Readable};
+use super::open::{OpenFile, OpenTable, Persist, Readable};
 use super::record::Recorder;
+use super::session::Negotiated;
 use crate::layer::index::DataRef;
 use crate::overlay::{Content, Inode, InodeId, ROOT, Tree};
 
@@ -66,6 +67,17 @@ pub(crate) struct ImageFs {
     open: OpenTable,
     /// `mount --record`.
     record: Option<Recorder>,
+    /// The INIT exchange: what a replayed one may grant, and what this one agreed to.
+    handshake: Arc<Handshake>,
+}
+
+/// What `init` may take when it replays a previous server's INIT, and what it took.
+#[derive(Default)]
+pub(crate) struct Handshake {
+    /// Replaying: only these capabilities of ours may be taken (the first server's).
+    pub(crate) resume: Option<Negotiated>,
+    /// Filled by `init`.
+    pub(crate) result: Mutex<Option<Negotiated>>,
 }
 
 #[derive(Clone, Copy)]
@@ -85,6 +97,8 @@ impl ImageFs {
         meta: MetaTable,
         passthrough: bool,
         record: Option<Recorder>,
+        persist: Option<Arc<Persist>>,
+        handshake: Arc<Handshake>,
     ) -> ImageFs {
         ImageFs {
             record,
@@ -93,7 +107,8 @@ impl ImageFs {
             totals: OnceLock::new(),
             want_passthrough: passthrough,
             passthrough: false,
-            open: OpenTable::new(),
+            open: OpenTable::new(persist),
+            handshake,
         }
     }
 
@@ -233,22 +248,27 @@ impl ImageFs {
         data: DataRef,
         size: u64,
     ) -> Result<Option<Arc<BackingId>>, OpError> {
-        self.open.open(ino, || {
+        self.open.open(ino, |inherited| {
             let file = self.backing_file(layer, data)?;
             let complete = self.backend.is_complete(layer, data);
-            // Passthrough reads never reach us, so only complete files may use it.
-            let backing = if self.passthrough && complete {
-                match reply.open_backing(&file) {
-                    Ok(id) => Some(Arc::new(id)),
+            // Passthrough reads never reach us, so only complete files may use it. An inode a
+            // previous server left open with passthrough must keep its backing id (the kernel
+            // refuses another one while those files are open).
+            let backing_raw = match inherited {
+                Some(id) => Some(id),
+                None if self.passthrough && complete => match reply.open_backing(&file) {
+                    Ok(id) => Some(id.into_raw()),
                     Err(e) => {
                         // e.g. EPERM without CAP_SYS_ADMIN, or a backing file on a stacked fs.
                         tracing::debug!(ino = ino.0, "passthrough unavailable, using pread: {e}");
                         None
                     }
-                }
-            } else {
-                None
+                },
+                None => None,
             };
+            // SAFETY: the id is open on this connection (just registered, or kept open by the
+            // previous server for files still open) and is closed only by this BackingId.
+            let backing = backing_raw.map(|raw| Arc::new(unsafe { reply.wrap_backing(raw) }));
             Ok(OpenFile {
                 file: if backing.is_some() {
                     None
@@ -256,6 +276,7 @@ impl ImageFs {
                     Some(Arc::new(file))
                 },
                 backing,
+                backing_raw,
                 size,
                 layer,
                 data,
@@ -338,38 +359,38 @@ impl ImageFs {
             layer,
             data,
             complete,
-        } = if fh == FH_NONE {
-            // An empty file, or a zero-message open (see `OpenTable::handle_less`).
-            let (layer, data, size) = match self.inode(ino) {
-                Ok((_, _, inode)) => match inode.content {
-                    Content::File {
-                        size,
-                        layer,
-                        data: Some(data),
-                    } if size > 0 => (layer, data, size),
-                    _ => {
-                        reply.data(&[]);
-                        return Ok(());
-                    }
-                },
-                Err(e) => return Err((e, reply)),
-            };
-            let file = match self.handle_less_file(ino, layer, data) {
-                Ok(f) => f,
-                Err(e) => return Err((e, reply)),
-            };
-            let complete = self.backend.is_complete(layer, data);
-            Readable {
-                file,
-                size,
-                layer,
-                data,
-                complete,
-            }
-        } else {
-            match self.open.readable(ino) {
-                Some(f) => f,
-                None => return Err((OpError::NotOpen, reply)),
+        } = match (fh, self.open.readable(ino)) {
+            (FH_OPEN, Some(f)) => f,
+            // An empty file, a zero-message open (see `OpenTable::handle_less`), or a handle
+            // opened by a previous server of this mount (handles carry no state of their own:
+            // the file is found again from the inode).
+            _ => {
+                let (layer, data, size) = match self.inode(ino) {
+                    Ok((_, _, inode)) => match inode.content {
+                        Content::File {
+                            size,
+                            layer,
+                            data: Some(data),
+                        } if size > 0 => (layer, data, size),
+                        _ => {
+                            reply.data(&[]);
+                            return Ok(());
+                        }
+                    },
+                    Err(e) => return Err((e, reply)),
+                };
+                let file = match self.handle_less_file(ino, layer, data) {
+                    Ok(f) => f,
+                    Err(e) => return Err((e, reply)),
+                };
+                let complete = self.backend.is_complete(layer, data);
+                Readable {
+                    file,
+                    size,
+                    layer,
+                    data,
+                    complete,
+                }
             }
         };
         let want = (size.min(MAX_IO) as u64).min(file_size.saturating_sub(offset)) as usize;
@@ -432,13 +453,29 @@ fn pread_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     Ok(done)
 }
 
-/// Ask the kernel for capability `flag`, if it has it.
-fn request(config: &mut KernelConfig, flag: InitFlags) -> bool {
-    match config.add_capabilities(flag) {
-        Ok(()) => true,
-        Err(_) => {
-            tracing::debug!("kernel lacks FUSE capability {flag:?}");
-            false
+/// Our side of INIT: the capabilities asked for, each granted if the kernel has it and (when
+/// replaying a previous server's INIT) that server had it too.
+struct Asking<'a> {
+    config: &'a mut KernelConfig,
+    allowed: Option<InitFlags>,
+    granted: InitFlags,
+}
+
+impl Asking<'_> {
+    fn request(&mut self, flag: InitFlags) -> bool {
+        if self.allowed.is_some_and(|a| !a.contains(flag)) {
+            tracing::debug!("capability {flag:?} not taken: the mount's first server did not");
+            return false;
+        }
+        match self.config.add_capabilities(flag) {
+            Ok(()) => {
+                self.granted |= flag;
+                true
+            }
+            Err(_) => {
+                tracing::debug!("kernel lacks FUSE capability {flag:?}");
+                false
+            }
         }
     }
 }
@@ -449,22 +486,41 @@ impl Filesystem for ImageFs {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_background(MAX_BACKGROUND);
         let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
-        request(config, InitFlags::FUSE_ASYNC_READ);
-        request(config, InitFlags::FUSE_MAX_PAGES);
+        // The kernel's readahead: the ceiling a too-large request is refused with.
+        let max_readahead = config.set_max_readahead(u32::MAX).unwrap_or_else(|max| max);
+        let _ = config.set_max_readahead(max_readahead);
+        let kernel = config.capabilities();
+        let abi = config.kernel_abi();
+        let resume = self.handshake.resume;
+        let mut ask = Asking {
+            config,
+            allowed: resume.map(|n| InitFlags::from_bits_retain(n.granted)),
+            granted: InitFlags::empty(),
+        };
+        ask.request(InitFlags::FUSE_ASYNC_READ);
+        ask.request(InitFlags::FUSE_MAX_PAGES);
         // `ls -l` / `find` get attributes with the listing; the kernel picks per call.
-        request(config, InitFlags::FUSE_DO_READDIRPLUS);
-        request(config, InitFlags::FUSE_READDIRPLUS_AUTO);
+        ask.request(InitFlags::FUSE_DO_READDIRPLUS);
+        ask.request(InitFlags::FUSE_READDIRPLUS_AUTO);
         // Concurrent lookups in one directory (nothing here needs the directory lock).
-        request(config, InitFlags::FUSE_PARALLEL_DIROPS);
+        ask.request(InitFlags::FUSE_PARALLEL_DIROPS);
         // Symlink targets in the page cache: readlink once per link.
-        request(config, InitFlags::FUSE_CACHE_SYMLINKS);
+        ask.request(InitFlags::FUSE_CACHE_SYMLINKS);
         if self.want_passthrough {
             // Depth 1: backing files live on a plain local fs, and overlayfs may still stack
             // on top of this mount.
-            self.passthrough = request(config, InitFlags::FUSE_PASSTHROUGH)
-                && config.set_max_stack_depth(1).is_ok();
+            self.passthrough = ask.request(InitFlags::FUSE_PASSTHROUGH)
+                && ask.config.set_max_stack_depth(1).is_ok();
             tracing::debug!(granted = self.passthrough, "FUSE passthrough");
         }
+        let negotiated = Negotiated {
+            major: abi.0,
+            minor: abi.1,
+            max_readahead,
+            kernel_flags: kernel.bits(),
+            granted: ask.granted.bits(),
+        };
+        *self.handshake.result.lock().unwrap() = Some(negotiated);
         Ok(())
     }
 
@@ -957,7 +1013,14 @@ mod tests {
             digest: "sha256:d".into(),
             id: "sha256:i".into(),
         }));
-        ImageFs::new(Arc::new(Fixed(tree, OnceLock::new())), meta, false, None)
+        ImageFs::new(
+            Arc::new(Fixed(tree, OnceLock::new())),
+            meta,
+            false,
+            None,
+            None,
+            Arc::default(),
+        )
     }
 
     fn listing(fs: &ImageFs, ino: u64, offset: u64, room: usize) -> Vec<(u64, String)> {

@@ -23,10 +23,16 @@ mod attr;
 mod backend;
 mod errno;
 mod filesystem;
+pub mod keeper;
 mod meta;
 mod mountinfo;
 mod open;
+mod open_state;
 mod record;
+mod session;
+
+pub use open_state::OpenState;
+pub use session::Negotiated;
 
 pub use backend::{Backend, BackendError};
 pub use meta::MetaFiles;
@@ -36,13 +42,15 @@ pub use mountinfo::{
 };
 
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use fuser::{Config, MountOption, SessionACL};
 
-use filesystem::ImageFs;
+use filesystem::{Handshake, ImageFs};
 use meta::MetaTable;
+use open::Persist;
 
 /// How to mount.
 #[derive(Clone, Debug)]
@@ -65,6 +73,19 @@ pub struct MountOptions {
     /// Write the paths of the files read, in first-access order, to this file (created or
     /// truncated): `mount --record`.
     pub record: Option<std::path::PathBuf>,
+    /// The connection may outlive this process and be taken over by another
+    /// ([`Mounted::handoff`], [`take_over`]): all worker threads share one fd (a cloned fd's
+    /// unanswered requests die with it), and passthrough backing ids are mirrored in an
+    /// [`OpenState`].
+    pub survivable: bool,
+}
+
+/// What a process needs to take over a live mount ([`take_over`]): the connection, the INIT
+/// it was set up with, and the table of passthrough backing ids in use.
+pub struct Handoff {
+    pub fuse: OwnedFd,
+    pub negotiated: Negotiated,
+    pub open_state: Option<OwnedFd>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +178,127 @@ pub fn mount(
         )),
         None => None,
     };
-    let fs = ImageFs::new(backend, MetaTable::new(meta), opts.passthrough, recorder);
+    let persist = match opts.survivable {
+        true => Some(Persist::new(OpenState::create().map_err(mount_err)?)),
+        false => None,
+    };
+    let handshake = Arc::new(Handshake::default());
+    let fs = ImageFs::new(
+        backend,
+        MetaTable::new(meta),
+        opts.passthrough && may_passthrough(),
+        recorder,
+        persist.clone(),
+        handshake.clone(),
+    );
+    let config = session_config(opts);
+    // Resolve the path before mounting: once the mount is live but not yet served, a lookup
+    // that passes through it would wait on ourselves.
+    let mountpoint = mountpoint.canonicalize().map_err(mount_err)?;
+    let mut session = fuser::Session::new(fs, &mountpoint, &config)
+        .map_err(|source| mount_error(&mountpoint, source))?;
+    let unmounter = Unmounter {
+        inner: Arc::new(Mutex::new(Some(session.unmount_callable()))),
+        mountpoint: mountpoint.clone(),
+    };
+    tracing::debug!(mountpoint = %mountpoint.display(), "mounted");
+    let negotiated = handshake.result.lock().unwrap().take();
+    let mounted = Mounted::new(session, mountpoint, unmounter, negotiated, persist);
+    if !mounted.passthrough() {
+        raise_read_ahead(&mounted.mountpoint);
+    }
+    Ok(mounted)
+}
+
+/// Serve a live mount whose previous server is gone: the connection and state in `handoff`,
+/// the INIT replayed (see `session`), and the requests the previous server left unanswered
+/// resent by the kernel when `resend` (and the kernel can). `backend`, `meta` and `opts` must
+/// describe the same image and options as the mount's first server had.
+pub fn take_over(
+    backend: Arc<dyn Backend>,
+    meta: Option<MetaFiles>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+    handoff: Handoff,
+    resend: bool,
+) -> Result<Mounted, FsError> {
+    let mountpoint = mountpoint.to_path_buf();
+    let err = |source| FsError::Session {
+        mountpoint: mountpoint.clone(),
+        source,
+    };
+    let recorder = match &opts.record {
+        Some(path) => Some(record::Recorder::new(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .map_err(err)?,
+        )),
+        None => None,
+    };
+    let persist = match handoff.open_state {
+        Some(fd) => Some(Persist::new(OpenState::attach(fd).map_err(err)?)),
+        None => None,
+    };
+    let handshake = Arc::new(Handshake {
+        resume: Some(handoff.negotiated),
+        result: Mutex::new(None),
+    });
+    let fs = ImageFs::new(
+        backend,
+        MetaTable::new(meta),
+        opts.passthrough && may_passthrough(),
+        recorder,
+        persist.clone(),
+        handshake.clone(),
+    );
+    let config = session_config(opts);
+    let session = session::take_over(
+        fs,
+        handoff.fuse,
+        &handoff.negotiated,
+        config.acl,
+        config.clone(),
+    )
+    .map_err(err)?;
+    if resend && handoff.negotiated.can_resend() {
+        session::resend(session.as_fd()).map_err(err)?;
+        tracing::info!("took over the mount; unanswered requests resent");
+    } else {
+        tracing::warn!(
+            "took over the mount without resending: requests the previous server left \
+             unanswered stay unanswered (the kernel lacks FUSE_NOTIFY_RESEND, Linux < 6.9)"
+        );
+    }
+    let unmounter = Unmounter {
+        inner: Arc::new(Mutex::new(None)),
+        mountpoint: mountpoint.clone(),
+    };
+    Ok(Mounted::new(
+        session,
+        mountpoint,
+        unmounter,
+        Some(handoff.negotiated),
+        persist,
+    ))
+}
+
+/// Passthrough registers backing files with an ioctl that needs `CAP_SYS_ADMIN`: without it,
+/// do not ask (opens then cost no round trip at all, see `ImageFs::open`).
+fn may_passthrough() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+}
+
+fn session_config(opts: &MountOptions) -> Config {
     let mut config = Config::default();
     config.mount_options = vec![
         // fusermount3 splits its -o list at commas; a reference has none, but be sure.
@@ -183,26 +324,12 @@ pub fn mount(
         SessionACL::Owner
     };
     config.n_threads = Some(opts.threads.max(1));
-    // One /dev/fuse fd per worker thread: no contention on a single fd's request queue.
-    config.clone_fd = true;
-    // Resolve the path before mounting: once the mount is live but not yet served, a lookup
-    // that passes through it would wait on ourselves.
-    let mountpoint = mountpoint.canonicalize().map_err(mount_err)?;
-    let mut session = fuser::Session::new(fs, &mountpoint, &config)
-        .map_err(|source| mount_error(&mountpoint, source))?;
-    let unmounter = Unmounter {
-        inner: Arc::new(Mutex::new(session.unmount_callable())),
-        mountpoint: mountpoint.clone(),
-    };
-    tracing::debug!(mountpoint = %mountpoint.display(), "mounted");
-    if !opts.passthrough {
-        raise_read_ahead(&mountpoint);
-    }
-    Ok(Mounted {
-        session,
-        mountpoint,
-        unmounter,
-    })
+    // One /dev/fuse fd per worker thread: no contention on a single fd's request queue. Not
+    // for a connection that must outlive us: the kernel fails the unanswered requests of a
+    // cloned fd when it closes (ECONNABORTED), where it keeps those of a shared one for
+    // whoever holds it.
+    config.clone_fd = !opts.survivable;
+    config
 }
 
 /// Why a mount failed, naming the real cause when it is `/dev/fuse` itself (fuser reports a
@@ -230,9 +357,54 @@ pub struct Mounted {
     session: fuser::Session<ImageFs>,
     mountpoint: PathBuf,
     unmounter: Unmounter,
+    negotiated: Option<Negotiated>,
+    persist: Option<Arc<Persist>>,
 }
 
 impl Mounted {
+    fn new(
+        session: fuser::Session<ImageFs>,
+        mountpoint: PathBuf,
+        unmounter: Unmounter,
+        negotiated: Option<Negotiated>,
+        persist: Option<Arc<Persist>>,
+    ) -> Mounted {
+        if let Some(p) = &persist {
+            let _ = p.fuse.set(session.as_fd().as_raw_fd());
+        }
+        Mounted {
+            session,
+            mountpoint,
+            unmounter,
+            negotiated,
+            persist,
+        }
+    }
+
+    /// What another process needs to take this mount over: copies of the connection's fd
+    /// and of the open-file table's (for a `survivable` mount).
+    pub fn handoff(&self) -> io::Result<Handoff> {
+        let negotiated = self
+            .negotiated
+            .ok_or_else(|| io::Error::other("the mount's INIT was not seen"))?;
+        Ok(Handoff {
+            fuse: self.session.as_fd().try_clone_to_owned()?,
+            negotiated,
+            open_state: match &self.persist {
+                Some(p) => Some(p.state.fd().try_clone_to_owned()?),
+                None => None,
+            },
+        })
+    }
+
+    /// Whether reads of complete files go through kernel passthrough.
+    pub fn passthrough(&self) -> bool {
+        self.negotiated.is_some_and(|n| {
+            fuser::InitFlags::from_bits_retain(n.granted)
+                .contains(fuser::InitFlags::FUSE_PASSTHROUGH)
+        })
+    }
+
     /// A handle that unmounts this mount from any thread.
     pub fn unmounter(&self) -> Unmounter {
         self.unmounter.clone()
@@ -244,7 +416,7 @@ impl Mounted {
         let Mounted {
             session,
             mountpoint,
-            unmounter: _,
+            ..
         } = self;
         match session.run() {
             Ok(()) => {}
@@ -285,7 +457,8 @@ fn raise_read_ahead(mountpoint: &Path) {
 /// it makes system calls and may run `fusermount3`.
 #[derive(Clone)]
 pub struct Unmounter {
-    inner: Arc<Mutex<fuser::SessionUnmounter>>,
+    /// fuser's, for a mount this process made; a taken-over one is unmounted by path.
+    inner: Arc<Mutex<Option<fuser::SessionUnmounter>>>,
     mountpoint: PathBuf,
 }
 
@@ -294,7 +467,10 @@ impl Unmounter {
     /// in it), detach it lazily: it disappears from the namespace now, and `run` returns once
     /// the last user left. Unmounting twice, or after an external `umount`, is fine.
     pub fn unmount(&self) -> Result<(), FsError> {
-        let first = self.inner.lock().unwrap().unmount();
+        let first = match &mut *self.inner.lock().unwrap() {
+            Some(u) => u.unmount(),
+            None => unmount_path(&self.mountpoint),
+        };
         match first {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
@@ -326,9 +502,53 @@ pub fn detach_imagefs(mountpoint: &Path) -> io::Result<bool> {
     }
 }
 
-/// `umount -l`.
-fn lazy_unmount(mountpoint: &Path) -> io::Result<()> {
+/// Unmount the imagefs mount at `mountpoint` (resolved): `umount2` as root, else
+/// `fusermount3 -u`, which checks the caller mounted it. EBUSY when in use.
+pub fn unmount_path(mountpoint: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
+    match mount_at(mountpoint)? {
+        Some(e) if e.is_imagefs() => {}
+        _ => return Err(io::Error::other("not an imagefs mount")),
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let path = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())?;
+        // SAFETY: a valid NUL-terminated path.
+        if unsafe { libc::umount2(path.as_ptr(), libc::UMOUNT_NOFOLLOW) } == 0 {
+            return Ok(());
+        }
+        return Err(io::Error::last_os_error());
+    }
+    let out = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(mountpoint)
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let msg = String::from_utf8_lossy(&out.stderr);
+    if msg.contains("busy") {
+        return Err(io::Error::from_raw_os_error(libc::EBUSY));
+    }
+    Err(io::Error::other(msg.trim().to_owned()))
+}
+
+/// `umount -l` (as root; `fusermount3 -uz` for others).
+pub(crate) fn lazy_unmount(mountpoint: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let out = std::process::Command::new("fusermount3")
+            .arg("-uz")
+            .arg(mountpoint)
+            .output()?;
+        return match out.status.success() {
+            true => Ok(()),
+            false => Err(io::Error::other(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            )),
+        };
+    }
     let path = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())?;
     // SAFETY: a valid NUL-terminated path; umount2 does not retain it.
     if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {

@@ -8,11 +8,13 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fs::File;
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::os::fd::{BorrowedFd, RawFd};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use fuser::{BackingId, INodeNo};
 use lru::LruCache;
 
+use super::open_state::{OpenState, close_backing};
 use crate::layer::index::DataRef;
 
 /// Backing files kept open for handle-less reads.
@@ -30,6 +32,65 @@ pub(super) struct OpenTable {
     /// here: a bounded LRU of open fds by inode (the fd limit is finite; a closed one is
     /// reopened on its next cold read).
     files: Mutex<LruCache<INodeNo, Arc<File>>>,
+    /// The passthrough entries mirrored where the next server finds them (mounts that survive
+    /// their server, see `open_state`).
+    persist: Option<Arc<Persist>>,
+}
+
+/// The shared-memory mirror of the passthrough entries, and the connection's fd for closing the
+/// backing ids a previous server registered.
+pub(crate) struct Persist {
+    pub(crate) state: OpenState,
+    /// Set once the session exists (before any request is served).
+    pub(crate) fuse: OnceLock<RawFd>,
+}
+
+impl Persist {
+    pub(crate) fn new(state: OpenState) -> Arc<Persist> {
+        Arc::new(Persist {
+            state,
+            fuse: OnceLock::new(),
+        })
+    }
+
+    /// The handle count of an entry with a backing id, mirrored (or dropped at zero).
+    fn mirror(&self, ino: INodeNo, file: &OpenFile, handles: u64) {
+        let Some(raw) = file.backing_raw else {
+            return;
+        };
+        if handles == 0 {
+            self.state.remove(ino.0);
+        } else if !self
+            .state
+            .set(ino.0, raw, handles.min(u64::from(u32::MAX)) as u32)
+        {
+            tracing::warn!(
+                ino = ino.0,
+                "open-file table full: this file's passthrough will not survive a restart"
+            );
+        }
+    }
+
+    /// A RELEASE for a handle a previous server opened: one fewer, and the backing id closed
+    /// with the last.
+    fn release_inherited(&self, ino: INodeNo) {
+        let Some((id, handles)) = self.state.get(ino.0) else {
+            return;
+        };
+        if handles > 1 {
+            self.state.set(ino.0, id, handles - 1);
+            return;
+        }
+        self.state.remove(ino.0);
+        if let Some(&fd) = self.fuse.get() {
+            // SAFETY: the session's fd, open for the session's whole life (which this request
+            // is part of).
+            let fuse = unsafe { BorrowedFd::borrow_raw(fd) };
+            if let Err(e) = close_backing(fuse, id) {
+                tracing::debug!(ino = ino.0, id, "closing an inherited backing id: {e}");
+            }
+        }
+    }
 }
 
 pub(super) struct OpenFile {
@@ -37,6 +98,8 @@ pub(super) struct OpenFile {
     /// reference through the backing id and reads never reach us.
     pub file: Option<Arc<File>>,
     pub backing: Option<Arc<BackingId>>,
+    /// `backing`'s number, for the mirror.
+    pub backing_raw: Option<u32>,
     pub size: u64,
     pub layer: u32,
     pub data: DataRef,
@@ -61,28 +124,35 @@ pub(super) struct Readable {
 }
 
 impl OpenTable {
-    pub(super) fn new() -> OpenTable {
+    pub(super) fn new(persist: Option<Arc<Persist>>) -> OpenTable {
         OpenTable {
             open: Mutex::new(HashMap::new()),
             files: Mutex::new(LruCache::new(
                 NonZeroUsize::new(FD_CACHE).expect("not zero"),
             )),
+            persist,
         }
     }
 
     /// One more handle on `ino`: its open entry's backing id, the entry made by `make` (called
-    /// without the lock) when the inode is not open. When another thread opened the inode
-    /// meanwhile, its entry is shared and ours dropped.
+    /// without the lock) when the inode is not open. `make` gets the backing id a previous
+    /// server left open on the inode, if any: the entry must use that one. When another
+    /// thread opened the inode meanwhile, its entry is shared and ours dropped.
     pub(super) fn open<E>(
         &self,
         ino: INodeNo,
-        make: impl FnOnce() -> Result<OpenFile, E>,
+        make: impl FnOnce(Option<u32>) -> Result<OpenFile, E>,
     ) -> Result<Option<Arc<BackingId>>, E> {
-        if let Some(open) = self.open.lock().unwrap().get_mut(&ino) {
-            open.handles += 1;
-            return Ok(open.file.backing.clone());
-        }
-        let file = make()?;
+        let inherited = {
+            let mut open = self.open.lock().unwrap();
+            if let Some(o) = open.get_mut(&ino) {
+                o.handles += 1;
+                self.mirror(ino, &o.file, o.handles);
+                return Ok(o.file.backing.clone());
+            }
+            self.persist.as_ref().and_then(|p| p.state.get(ino.0))
+        };
+        let file = make(inherited.map(|(id, _)| id))?;
         let backing = file.backing.clone();
         let mut open = self.open.lock().unwrap();
         match open.entry(ino) {
@@ -90,15 +160,29 @@ impl OpenTable {
             // are dropped after the lock, below).
             Entry::Occupied(mut e) => {
                 e.get_mut().handles += 1;
-                let backing = e.get().file.backing.clone();
+                let o = e.get();
+                self.mirror(ino, &o.file, o.handles);
+                let backing = o.file.backing.clone();
                 drop(open);
                 drop(file);
                 Ok(backing)
             }
             Entry::Vacant(v) => {
-                v.insert(Counted { file, handles: 1 });
+                // The previous server's handles on an inherited id count too.
+                let handles = 1 + match (inherited, file.backing_raw) {
+                    (Some((id, n)), Some(raw)) if id == raw => u64::from(n),
+                    _ => 0,
+                };
+                self.mirror(ino, &file, handles);
+                v.insert(Counted { file, handles });
                 Ok(backing)
             }
+        }
+    }
+
+    fn mirror(&self, ino: INodeNo, file: &OpenFile, handles: u64) {
+        if let Some(p) = &self.persist {
+            p.mirror(ino, file, handles);
         }
     }
 
@@ -122,10 +206,19 @@ impl OpenTable {
             match open.get_mut(&ino) {
                 Some(o) if o.handles > 1 => {
                     o.handles -= 1;
+                    self.mirror(ino, &o.file, o.handles);
                     None
                 }
-                Some(_) => open.remove(&ino),
-                None => None,
+                Some(o) => {
+                    self.mirror(ino, &o.file, 0);
+                    open.remove(&ino)
+                }
+                None => {
+                    if let Some(p) = &self.persist {
+                        p.release_inherited(ino);
+                    }
+                    None
+                }
             }
         };
         // Closes the fd / backing id outside the lock.
@@ -159,6 +252,7 @@ mod tests {
         Ok(OpenFile {
             file: Some(Arc::new(File::open("/dev/null").unwrap())),
             backing: None,
+            backing_raw: None,
             size,
             layer: 0,
             data: DataRef { id: 0 },
@@ -168,13 +262,13 @@ mod tests {
 
     #[test]
     fn one_entry_per_inode_until_the_last_handle_closes() {
-        let t = OpenTable::new();
+        let t = OpenTable::new(None);
         let ino = INodeNo(7);
         assert!(t.readable(ino).is_none());
-        assert!(matches!(t.open(ino, || entry(10)), Ok(None)));
+        assert!(matches!(t.open(ino, |_| entry(10)), Ok(None)));
         // A second open shares the entry: `make` is not called.
         assert!(matches!(
-            t.open(ino, || -> Result<OpenFile, ()> { panic!("opened twice") }),
+            t.open(ino, |_| -> Result<OpenFile, ()> { panic!("opened twice") }),
             Ok(None)
         ));
         assert_eq!(t.readable(ino).unwrap().size, 10);
@@ -185,7 +279,7 @@ mod tests {
         t.release(ino);
         // A failed open records nothing.
         assert!(matches!(
-            t.open(ino, || Err::<OpenFile, _>("gone")),
+            t.open(ino, |_| Err::<OpenFile, _>("gone")),
             Err("gone")
         ));
         assert!(t.readable(ino).is_none());
@@ -193,7 +287,7 @@ mod tests {
 
     #[test]
     fn handle_less_reads_reuse_the_cached_fd() {
-        let t = OpenTable::new();
+        let t = OpenTable::new(None);
         let ino = INodeNo(3);
         let first = t.handle_less(ino, || File::open("/dev/null")).unwrap();
         let again = t

@@ -600,6 +600,8 @@ impl Snapshotter {
             nosuid: false,
             nodev: false,
             record: None,
+            // Its mounts end with the snapshotter (containerd remounts them at its restart).
+            survivable: false,
         };
         let mounted = crate::fs::mount(image.clone(), None, &mountpoint, &opts)
             .map_err(|e| view_err(e.into()))?;

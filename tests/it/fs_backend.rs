@@ -332,6 +332,7 @@ fn opts(mountpoint: &Path, passthrough: bool) -> MountOptions {
         nosuid: true,
         nodev: true,
         record: None,
+        survivable: false,
     }
 }
 
