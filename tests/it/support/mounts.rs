@@ -109,7 +109,8 @@ pub fn is_imagefs_mounted(path: &Path) -> bool {
 }
 
 /// Live (not zombie) processes running the imagefs binary with `mountpoint` among their
-/// arguments and `mount` as a subcommand: the mount daemon (and, briefly, its parent).
+/// arguments and `mount` as a subcommand: the mount's keeper and its server (and, briefly,
+/// the `mount` that started them).
 pub fn daemon_pids(mountpoint: &Path) -> Vec<u32> {
     let want = mountpoint.as_os_str().as_bytes();
     let bin = imagefs_bin().as_os_str().as_bytes();
@@ -137,6 +138,13 @@ pub fn daemon_pids(mountpoint: &Path) -> Vec<u32> {
         }
     }
     pids
+}
+
+/// The parent of `pid`, from `/proc/PID/stat`.
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) S ppid ...`
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn is_zombie(pid: u32) -> bool {
@@ -237,16 +245,33 @@ impl Mount {
         self.mountpoint.join(rel.as_ref())
     }
 
-    /// The daemon serving this mount (exactly one, or panics).
+    /// The daemon of this mount: its keeper, the one of its processes whose parent is not
+    /// another (exactly one, or panics).
     pub fn daemon_pid(&self) -> u32 {
         let pids = daemon_pids(&self.mountpoint);
+        let keepers: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|p| !parent_pid(*p).is_some_and(|pp| pids.contains(&pp)))
+            .collect();
         assert_eq!(
-            pids.len(),
+            keepers.len(),
             1,
-            "expected one daemon for {}, found {pids:?}",
+            "expected one keeper for {}, found {keepers:?} among {pids:?}",
             self.mountpoint.display()
         );
-        pids[0]
+        keepers[0]
+    }
+
+    /// The server of this mount: the keeper's child (exactly one, or panics).
+    pub fn server_pid(&self) -> u32 {
+        let keeper = self.daemon_pid();
+        let servers: Vec<u32> = daemon_pids(&self.mountpoint)
+            .into_iter()
+            .filter(|p| parent_pid(*p) == Some(keeper))
+            .collect();
+        assert_eq!(servers.len(), 1, "expected one server, found {servers:?}");
+        servers[0]
     }
 
     /// `imagefs umount`; asserts it succeeded, the mount is gone and the daemon exited.
