@@ -22,7 +22,9 @@
 mod attr;
 mod backend;
 mod errno;
+mod fdpass;
 mod filesystem;
+mod fusermount;
 pub mod keeper;
 mod meta;
 mod mountinfo;
@@ -103,8 +105,8 @@ pub enum FsError {
     NoDevFuse { mountpoint: PathBuf },
     #[error(
         "cannot mount at {}: /dev/fuse is not readable and writable for uid {uid} (mode {mode:o}, \
-         owner uid {owner}): mount as root, or have an administrator make /dev/fuse 0666 \
-         (Debian's default)",
+         owner uid {owner}; the setuid fusermount3 opens it as the calling user too): mount as \
+         root, or have an administrator make /dev/fuse 0666 (Debian's default)",
         mountpoint.display()
     )]
     DevFuseDenied {
@@ -195,11 +197,22 @@ pub fn mount(
     // Resolve the path before mounting: once the mount is live but not yet served, a lookup
     // that passes through it would wait on ourselves.
     let mountpoint = mountpoint.canonicalize().map_err(mount_err)?;
-    let mut session = fuser::Session::new(fs, &mountpoint, &config)
-        .map_err(|source| mount_error(&mountpoint, source))?;
-    let unmounter = Unmounter {
-        inner: Arc::new(Mutex::new(Some(session.unmount_callable()))),
+    let unmounter = |inner| Unmounter {
+        inner: Arc::new(Mutex::new(inner)),
         mountpoint: mountpoint.clone(),
+    };
+    let (session, unmounter) = if fusermount::needed() {
+        let fd = fusermount::mount(&mountpoint, &fusermount_options(opts))
+            .map_err(|source| mount_error(&mountpoint, source))?;
+        let session =
+            fuser::Session::from_fd(fs, fd, config.acl, config.clone()).map_err(mount_err)?;
+        // Unmounted by path, with `fusermount3 -u`.
+        (session, unmounter(None))
+    } else {
+        let mut session = fuser::Session::new(fs, &mountpoint, &config)
+            .map_err(|source| mount_error(&mountpoint, source))?;
+        let u = unmounter(Some(session.unmount_callable()));
+        (session, u)
     };
     tracing::debug!(mountpoint = %mountpoint.display(), "mounted");
     let negotiated = handshake.result.lock().unwrap().take();
@@ -296,6 +309,22 @@ fn may_passthrough() -> bool {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+}
+
+/// The mount options of [`session_config`] as `fusermount3 -o` takes them.
+fn fusermount_options(opts: &MountOptions) -> String {
+    let mut o = vec![
+        format!("fsname={}", opts.fs_name.replace(',', "_")),
+        "subtype=imagefs".to_owned(),
+        "ro".to_owned(),
+        "default_permissions".to_owned(),
+    ];
+    // fusermount3 adds nosuid and nodev for users anyway.
+    o.extend(["nosuid".to_owned(), "nodev".to_owned()]);
+    if opts.allow_other {
+        o.push("allow_other".to_owned());
+    }
+    o.join(",")
 }
 
 fn session_config(opts: &MountOptions) -> Config {
