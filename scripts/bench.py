@@ -261,14 +261,15 @@ class Bench:
                     subprocess.run(["umount", "-l", str(p)], stderr=subprocess.DEVNULL)
         # The daemon exits when its session ends; wait so the next run starts clean.
         for _ in range(100):
-            if not self.daemon_pid():
+            if not self.mount_pids():
                 break
             time.sleep(0.05)
 
-    def daemon_pid(self):
+    def mount_pids(self):
+        """The mount's processes: its keeper and the keeper's child, the server."""
         needle = str(self.mnt).encode()
-        return next((pid for pid, argv in processes()
-                     if argv[0].endswith(b"imagefs") and b"mount" in argv and needle in argv), None)
+        return [pid for pid, argv in processes()
+                if argv[0].endswith(b"imagefs") and b"mount" in argv and needle in argv]
 
     def imagefs(self, args):
         return f"{IMAGEFS} {args}"
@@ -510,11 +511,24 @@ class Bench:
         self.commands["4e"] = (f"(mounted by default, big.bin read and the fill finished) {mine}", theirs)
 
     def daemon_rss_mib(self):
-        pid = self.daemon_pid()
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise SystemExit("bench: no VmRSS for the mount daemon")
+        """The mount's memory: its server's VmRSS plus what its keeper adds (RssAnon: the
+        keeper's file-backed pages are the binary's, mapped by the server too)."""
+        pids = self.mount_pids()
+        total = None
+        for pid in pids:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            # The server is the keeper's child; a lone process is a server of its own.
+            key = "VmRSS:" if ppid in pids or len(pids) == 1 else "RssAnon:"
+            for line in status.splitlines():
+                if line.startswith(key):
+                    total = (total or 0) + int(line.split()[1]) / 1024
+        if total is None:
+            raise SystemExit("bench: no VmRSS for the mount daemon")
+        return total
 
     def daemon_read(self, path, cold):
         if cold:
