@@ -23,7 +23,7 @@ use super::Backend;
 use super::attr::{BLKSIZE, TTL, id_of, inode_attr, placeholder_root_attr};
 use super::errno::OpError;
 use super::meta::{self, MetaTable, Sized};
-use super::open::{OpenFile, OpenTable, Persist, Readable};
+use super::open::{NO_BACKING, OpenFile, OpenTable, Persist, Readable};
 use super::record::Recorder;
 use super::session::Negotiated;
 use crate::layer::index::DataRef;
@@ -255,6 +255,8 @@ impl ImageFs {
             // previous server left open with passthrough must keep its backing id (the kernel
             // refuses another one while those files are open).
             let backing_raw = match inherited {
+                // Its pread handles are still open: no passthrough on this inode yet.
+                Some(NO_BACKING) => None,
                 Some(id) => Some(id),
                 None if self.passthrough && complete => match reply.open_backing(&file) {
                     Ok(id) => Some(id.into_raw()),

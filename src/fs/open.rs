@@ -37,7 +37,10 @@ pub(super) struct OpenTable {
     persist: Option<Arc<Persist>>,
 }
 
-/// The shared-memory mirror of the passthrough entries, and the connection's fd for closing the
+/// The backing id of a mirrored entry read with pread (the kernel's ids start at 1).
+pub(crate) const NO_BACKING: u32 = 0;
+
+/// The shared-memory mirror of the open entries, and the connection's fd for closing the
 /// backing ids a previous server registered.
 pub(crate) struct Persist {
     pub(crate) state: OpenState,
@@ -53,11 +56,11 @@ impl Persist {
         })
     }
 
-    /// The handle count of an entry with a backing id, mirrored (or dropped at zero).
+    /// The handle count of an entry, mirrored (or dropped at zero). Entries read with pread
+    /// are mirrored too, with backing id 0: the kernel refuses passthrough on an inode while
+    /// it has cached-I/O opens, so the next server must not use it for that inode either.
     fn mirror(&self, ino: INodeNo, file: &OpenFile, handles: u64) {
-        let Some(raw) = file.backing_raw else {
-            return;
-        };
+        let raw = file.backing_raw.unwrap_or(NO_BACKING);
         if handles == 0 {
             self.state.remove(ino.0);
         } else if !self
@@ -66,7 +69,7 @@ impl Persist {
         {
             tracing::warn!(
                 ino = ino.0,
-                "open-file table full: this file's passthrough will not survive a restart"
+                "open-file table full: the next server will not know this file is open"
             );
         }
     }
@@ -82,6 +85,9 @@ impl Persist {
             return;
         }
         self.state.remove(ino.0);
+        if id == NO_BACKING {
+            return;
+        }
         if let Some(&fd) = self.fuse.get() {
             // SAFETY: the session's fd, open for the session's whole life (which this request
             // is part of).
@@ -136,7 +142,8 @@ impl OpenTable {
 
     /// One more handle on `ino`: its open entry's backing id, the entry made by `make` (called
     /// without the lock) when the inode is not open. `make` gets the backing id a previous
-    /// server left open on the inode, if any: the entry must use that one. When another
+    /// server left open on the inode, if any: the entry must use that one ([`NO_BACKING`]:
+    /// no passthrough while the previous server's pread handles are open). When another
     /// thread opened the inode meanwhile, its entry is shared and ours dropped.
     pub(super) fn open<E>(
         &self,
@@ -169,8 +176,8 @@ impl OpenTable {
             }
             Entry::Vacant(v) => {
                 // The previous server's handles on an inherited id count too.
-                let handles = 1 + match (inherited, file.backing_raw) {
-                    (Some((id, n)), Some(raw)) if id == raw => u64::from(n),
+                let handles = 1 + match inherited {
+                    Some((id, n)) if id == file.backing_raw.unwrap_or(NO_BACKING) => u64::from(n),
                     _ => 0,
                 };
                 self.mirror(ino, &file, handles);
@@ -283,6 +290,53 @@ mod tests {
             Err("gone")
         ));
         assert!(t.readable(ino).is_none());
+    }
+
+    #[test]
+    fn a_second_server_sees_the_first_ones_open_files_and_counts_their_handles() {
+        let state = OpenState::create().unwrap();
+        let first = OpenTable::new(Some(Persist::new(
+            OpenState::attach(state.fd().try_clone_to_owned().unwrap()).unwrap(),
+        )));
+        let ino = INodeNo(9);
+        // Opened twice with pread by the first server, which then dies.
+        for _ in 0..2 {
+            assert!(
+                first
+                    .open(ino, |inherited| {
+                        assert_eq!(inherited, None);
+                        entry(10)
+                    })
+                    .is_ok()
+            );
+        }
+        assert_eq!(state.get(9), Some((NO_BACKING, 2)));
+        drop(first);
+        let second = OpenTable::new(Some(Persist::new(state)));
+        // Its next open learns the inode is open without passthrough, and adds its handle.
+        let mut told = None;
+        assert!(
+            second
+                .open(ino, |inherited| {
+                    told = Some(inherited);
+                    entry(10)
+                })
+                .is_ok()
+        );
+        assert_eq!(told, Some(Some(NO_BACKING)));
+        let persist = second.persist.as_ref().unwrap();
+        assert_eq!(persist.state.get(9), Some((NO_BACKING, 3)));
+        for left in [2, 1] {
+            second.release(ino);
+            assert_eq!(persist.state.get(9), Some((NO_BACKING, left)));
+        }
+        second.release(ino);
+        assert_eq!(
+            persist.state.get(9),
+            None,
+            "the last handle removes the entry"
+        );
+        assert!(second.readable(ino).is_none());
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! Passthrough backing ids that outlive the server that registered them.
+//! The files a server has open through OPEN, for the server after it.
 //!
 //! A backing id belongs to the FUSE connection, not to the process: files opened with it keep
 //! reading through the kernel after their server died. The kernel also refuses a second,
-//! different backing id on an inode that still has passthrough files open (EBUSY), so a new
-//! server must open such an inode with the id already in use, and close that id when the last
-//! handle goes. This table is where it finds them: inode → (backing id, open handles), in a
-//! memfd the keeper holds and hands to each new server, mapped shared.
+//! different backing id on an inode that still has passthrough files open (EBUSY), and
+//! passthrough on an inode that has files open for cached I/O (and the reverse), so a new
+//! server must open such an inode the way it is open already — with the id in use, or
+//! without passthrough (id 0) — and close that id when the last handle goes. This table is
+//! where it finds them: inode → (backing id or 0, open handles), in a memfd the keeper holds
+//! and hands to each new server, mapped shared.
 //!
 //! Layout: a 64-byte header (magic, version, slot count), then [`SLOTS`] 16-byte slots
 //! `{ino: u64, backing: u32, handles: u32}`, open addressing with linear probing; `ino` 0 is
@@ -20,7 +22,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"IMGFSOPN");
 const VERSION: u32 = 1;
-/// Inodes open with passthrough at once that survive a restart; beyond, opens use pread.
+/// Inodes open at once that a restart keeps track of; beyond, a warning (a later open of such
+/// an inode by the next server may be refused by the kernel).
 pub(crate) const SLOTS: usize = 1 << 16;
 const HEADER: usize = 64;
 const SLOT: usize = 16;
