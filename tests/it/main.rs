@@ -16,6 +16,7 @@
 //! | `push` | `Client`'s push side: monolithic and chunked uploads, mounts, manifests against the real registry (all auth modes); 413, refused rights, dropped connections against the adversarial server |
 //! | `convert` | `convert`: eStargz images pushed to a real registry keep the source's tree (umoci), mount lazily, convert again to the same digest; `mount --record` then `--prioritize` |
 //! | `schema1` | Docker schema 1 images (signed, served by distribution with schema 1 enabled) mount like umoci unpacks them, remount offline |
+//! | `survive` | a mount outlives its server: SIGKILLs and `upgrade`s under 32 readers (gzip and lazy eStargz behind a slow proxy) and a runc container lose no read; a killed keeper ends the mount cleanly; without resend a reader in flight waits; rootless mount, kill, umount |
 //! | `harness` | self-tests of the harness: builder, registry auth modes, fixtures |
 //!
 //! `support/` holds the harness (registry, token issuer, image builder, mounts, oracles).
@@ -35,3 +36,4 @@ mod push;
 mod safety;
 mod schema1;
 mod support;
+mod survive;

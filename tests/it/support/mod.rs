@@ -9,6 +9,8 @@
 //!   `push_manifest`; `skopeo_copy_fixture`, `skopeo_copy_to_schema1`, `skopeo_inspect_raw`,
 //!   `fixture_path`.
 //! - [`cmd`]: [`Imagefs`] runs the real binary with a temp cache; [`Output`] assertions.
+//! - [`survive`]: `imagefs ps`, server restarts, a checking reader loop, a slow proxy, a runc
+//!   loop, an unprivileged user (the `survive` tests).
 
 // Each test uses a different slice of the harness.
 #![allow(dead_code, unused_imports)]
@@ -35,4 +37,5 @@ pub mod containerd;
 pub mod mounts;
 pub mod oracle;
 pub mod sparse;
+pub mod survive;
 pub mod tree;
