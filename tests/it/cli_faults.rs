@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::support::mounts::{Mount, TIMEOUT, is_mounted, umount_cmd, wait_until};
+use crate::support::mounts::{Mount, TIMEOUT, daemon_pids, is_mounted, umount_cmd, wait_until};
 use crate::support::{
     Auth, Compression, Entry, Format, Image, ImageBuilder, Imagefs, Layer, Registry, noise,
 };
@@ -344,6 +344,8 @@ fn a_dead_daemons_mount_point_is_cleaned_by_fusermount3_too() {
         unsafe { libc::kill(m.daemon_pid() as i32, libc::SIGKILL) },
         0
     );
+    // Its server dies with it (PR_SET_PDEATHSIG), a moment later.
+    assert!(wait_until(TIMEOUT, || daemon_pids(m.path()).is_empty()));
     // The kernel answers an aborted connection with ENOTCONN, or with ECONNABORTED while it
     // is still tearing the connection down (seen on 6.18): both say the daemon is gone.
     let err = fs::read(m.p("etc/os-release")).unwrap_err();
