@@ -439,7 +439,7 @@ fn serve(
         out.flush()?;
         drop(out);
         // The parent is gone after `ready`: stdout and stdin must not keep its pipe/terminal.
-        detach_stdio();
+        crate::fs::keeper::detach_stdio();
     }
     link.serving(serde_json::json!({
         "reference": reference.to_string(),
@@ -449,20 +449,6 @@ fn serve(
     mounted.run()?;
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(ExitCode::SUCCESS)
-}
-
-fn detach_stdio() {
-    // SAFETY: plain fd juggling on fds we own; /dev/null always exists.
-    unsafe {
-        let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-        if fd >= 0 {
-            libc::dup2(fd, 0);
-            libc::dup2(fd, 1);
-            if fd > 2 {
-                libc::close(fd);
-            }
-        }
-    }
 }
 
 /// Unmount an imagefs mount, and nothing else: the target must be a `fuse.imagefs` mount in

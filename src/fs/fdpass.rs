@@ -8,6 +8,20 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 /// Most fds one message carries.
 const MAX_FDS: usize = 4;
 
+/// A message header over `iov`, with a control buffer for [`MAX_FDS`] fds.
+fn header(iov: &mut libc::iovec, control: &mut Vec<u8>) -> libc::msghdr {
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<i32>()) as u32) } as usize;
+    control.resize(space, 0);
+    // SAFETY: a zeroed msghdr is valid; the caller keeps iov and control alive while using it.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = iov;
+    hdr.msg_iovlen = 1;
+    hdr.msg_control = control.as_mut_ptr().cast();
+    hdr.msg_controllen = space as _;
+    hdr
+}
+
 /// Send `body` with `fds` beside it, as one message.
 pub(crate) fn send(sock: BorrowedFd<'_>, body: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     assert!(fds.len() <= MAX_FDS);
@@ -15,17 +29,14 @@ pub(crate) fn send(sock: BorrowedFd<'_>, body: &[u8], fds: &[BorrowedFd<'_>]) ->
         iov_base: body.as_ptr() as *mut _,
         iov_len: body.len(),
     };
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<i32>()) as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the sendmsg call.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
-    if !fds.is_empty() {
+    let mut control = Vec::new();
+    let mut hdr = header(&mut iov, &mut control);
+    if fds.is_empty() {
+        hdr.msg_control = std::ptr::null_mut();
+        hdr.msg_controllen = 0;
+    } else {
         let len = fds.len() * size_of::<i32>();
-        hdr.msg_control = control.as_mut_ptr().cast();
-        // SAFETY: as above.
+        // SAFETY: a pure size computation.
         hdr.msg_controllen = unsafe { libc::CMSG_SPACE(len as u32) } as _;
         // SAFETY: the control buffer holds one header for `len` bytes of fds.
         unsafe {
@@ -63,15 +74,8 @@ pub(crate) fn recv(
         iov_base: body.as_mut_ptr().cast(),
         iov_len: body.len(),
     };
-    // SAFETY: a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<i32>()) as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the recvmsg call.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
-    hdr.msg_control = control.as_mut_ptr().cast();
-    hdr.msg_controllen = space as _;
+    let mut control = Vec::new();
+    let mut hdr = header(&mut iov, &mut control);
     let n = loop {
         // SAFETY: hdr points at live buffers.
         let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };

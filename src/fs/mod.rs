@@ -185,14 +185,7 @@ pub fn mount(
         false => None,
     };
     let handshake = Arc::new(Handshake::default());
-    let fs = ImageFs::new(
-        backend,
-        MetaTable::new(meta),
-        opts.passthrough && may_passthrough(),
-        recorder,
-        persist.clone(),
-        handshake.clone(),
-    );
+    let fs = image_fs(backend, meta, opts, recorder, &persist, &handshake);
     let config = session_config(opts);
     // Resolve the path before mounting: once the mount is live but not yet served, a lookup
     // that passes through it would wait on ourselves.
@@ -258,14 +251,7 @@ pub fn take_over(
         resume: Some(handoff.negotiated),
         result: Mutex::new(None),
     });
-    let fs = ImageFs::new(
-        backend,
-        MetaTable::new(meta),
-        opts.passthrough && may_passthrough(),
-        recorder,
-        persist.clone(),
-        handshake.clone(),
-    );
+    let fs = image_fs(backend, meta, opts, recorder, &persist, &handshake);
     let config = session_config(opts);
     let session = session::take_over(
         fs,
@@ -288,13 +274,29 @@ pub fn take_over(
         inner: Arc::new(Mutex::new(None)),
         mountpoint: mountpoint.clone(),
     };
+    // What this server took of the replayed INIT (at most what the first one had).
+    let negotiated = handshake.result.lock().unwrap().take();
     Ok(Mounted::new(
-        session,
-        mountpoint,
-        unmounter,
-        Some(handoff.negotiated),
-        persist,
+        session, mountpoint, unmounter, negotiated, persist,
     ))
+}
+
+fn image_fs(
+    backend: Arc<dyn Backend>,
+    meta: Option<MetaFiles>,
+    opts: &MountOptions,
+    recorder: Option<record::Recorder>,
+    persist: &Option<Arc<Persist>>,
+    handshake: &Arc<Handshake>,
+) -> ImageFs {
+    ImageFs::new(
+        backend,
+        MetaTable::new(meta),
+        opts.passthrough && may_passthrough(),
+        recorder,
+        persist.clone(),
+        handshake.clone(),
+    )
 }
 
 /// Passthrough registers backing files with an ioctl that needs `CAP_SYS_ADMIN`: without it,

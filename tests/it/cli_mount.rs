@@ -779,12 +779,7 @@ struct Container {
 
 impl Drop for Container {
     fn drop(&mut self) {
-        let _ = Cmd::program("runc")
-            .arg("--root")
-            .arg(self.state.path())
-            .args(["delete", "-f", &self.id])
-            .timeout(Duration::from_secs(20))
-            .run();
+        crate::support::survive::runc_delete(self.state.path(), &self.id);
     }
 }
 

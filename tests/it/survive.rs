@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::mounts::{Mount, TIMEOUT, is_mounted, umount_cmd, wait_until};
 use crate::support::survive::{
-    EnvMount, Expected, Files, ReaderLoop, Restart, RuncLoop, SlowProxy, TestUser, UserScratch,
+    Expected, Files, ReaderLoop, Restart, RuncLoop, SlowProxy, TestUser, UserScratch,
     abort_fuse_connection, alive, busybox_image, daemon_logs, drop_dentries, entry_of,
     estargz_image, find_entry, gzip_image, inode_sample, layer_in_progress, proc_state, ps,
     restart_servers, served_entry, signal, uid_of, wait_replaced,
@@ -475,7 +475,7 @@ fn without_resend_a_reader_in_flight_waits_and_new_reads_work() {
     registry.push_image("noresend", "v1", &image);
     let proxy = SlowProxy::start(registry.addr(), SLOW);
     let imagefs = Imagefs::new();
-    let m = EnvMount::new(
+    let m = Mount::new_env(
         &imagefs,
         &["--plain-http"],
         LAZY,

@@ -292,7 +292,7 @@ impl Keeper {
                 self.info = info;
                 if self.restarts == 0 {
                     self.cfg.hold_until_serving = None;
-                    detach_stdout();
+                    detach_stdio();
                 }
                 let pid = server.pid;
                 self.answer(Ok(pid));
@@ -552,8 +552,9 @@ fn reply(stream: &UnixStream, body: &Value) {
     let _ = (&*stream).write_all(line.as_bytes());
 }
 
-/// Stop holding the stdout of the `imagefs mount` that started us (it returned at `ready`).
-fn detach_stdout() {
+/// Stop holding the stdin and stdout of the `imagefs mount` that started us (it returned at
+/// `ready`): /dev/null instead, so its pipe or terminal is not kept.
+pub fn detach_stdio() {
     // SAFETY: plain fd juggling on fds we own; /dev/null always exists.
     unsafe {
         let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);

@@ -216,8 +216,34 @@ impl Mount {
         mount_args: &[&str],
         reference: &str,
     ) -> Result<Mount, Output> {
+        Mount::try_new_env(imagefs, global, mount_args, &[], reference)
+    }
+
+    /// Like [`Mount::new_with`], with extra environment variables for `imagefs mount` (and so
+    /// for its daemon), e.g. `IMAGEFS_NO_RESEND=1`.
+    pub fn new_env(
+        imagefs: &Imagefs,
+        global: &[&str],
+        mount_args: &[&str],
+        env: &[(&str, &str)],
+        reference: &str,
+    ) -> Mount {
+        Mount::try_new_env(imagefs, global, mount_args, env, reference)
+            .unwrap_or_else(|out| panic!("imagefs mount failed\n{}", out.report()))
+    }
+
+    fn try_new_env(
+        imagefs: &Imagefs,
+        global: &[&str],
+        mount_args: &[&str],
+        env: &[(&str, &str)],
+        reference: &str,
+    ) -> Result<Mount, Output> {
         let (dir, mp) = mountpoint_dir();
-        let cmd = mount_cmd(imagefs, global, reference, &mp).args(mount_args);
+        let mut cmd = mount_cmd(imagefs, global, reference, &mp).args(mount_args);
+        for (k, v) in env {
+            cmd = cmd.env(k, v);
+        }
         let started = Instant::now();
         let output = cmd.run();
         let took = started.elapsed();

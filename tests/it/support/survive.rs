@@ -11,7 +11,6 @@
 //!   loop reads files of the image and logs `OK` or what it got to a host directory.
 //! - [`TestUser`], [`UserScratch`]: an unprivileged user, and a directory it owns holding a
 //!   copy of the binary it can execute, to run imagefs rootless.
-//! - [`EnvMount`]: a mount guard for `imagefs mount` with extra environment variables.
 //! - Image builders with deterministic content ([`gzip_image`], [`estargz_image`],
 //!   [`busybox_image`]) that also return every regular file's expected bytes.
 //!
@@ -1264,77 +1263,18 @@ impl RuncLoop {
 
 impl Drop for RuncLoop {
     fn drop(&mut self) {
-        let _ = Cmd::program("runc")
-            .arg("--root")
-            .arg(self.state.path())
-            .args(["delete", "-f", &self.id])
-            .timeout(Duration::from_secs(20))
-            .run();
+        runc_delete(self.state.path(), &self.id);
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// A mount with extra environment
-
-/// Like [`super::mounts::Mount`], for an `imagefs mount` run with extra environment
-/// variables (e.g. `IMAGEFS_NO_RESEND=1`). Unmounted (and cleaned up) on drop.
-pub struct EnvMount {
-    mountpoint: PathBuf,
-    _dir: TempDir,
-    pub output: Output,
-    unmounted: bool,
-}
-
-impl EnvMount {
-    /// `ENV… imagefs [global…] mount REFERENCE <fresh dir> [mount_args…]`; panics with the
-    /// report unless it succeeded and the mount shows in mountinfo.
-    pub fn new(
-        imagefs: &Imagefs,
-        global: &[&str],
-        mount_args: &[&str],
-        env: &[(&str, &str)],
-        reference: &str,
-    ) -> EnvMount {
-        let (dir, mp) = mountpoint_dir();
-        let mut cmd = mount_cmd(imagefs, global, reference, &mp).args(mount_args);
-        for (k, v) in env {
-            cmd = cmd.env(k, v);
-        }
-        let output = cmd.run();
-        if output.timed_out || !output.status.success() || !is_mounted(&mp) {
-            cleanup(&mp);
-            panic!(
-                "imagefs mount failed or mounted nothing\n{}",
-                output.report()
-            );
-        }
-        EnvMount {
-            mountpoint: mp,
-            _dir: dir,
-            output,
-            unmounted: false,
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.mountpoint
-    }
-
-    /// `path()/rel`.
-    pub fn p(&self, rel: impl AsRef<Path>) -> PathBuf {
-        self.mountpoint.join(rel)
-    }
-}
-
-impl Drop for EnvMount {
-    fn drop(&mut self) {
-        if !self.unmounted && is_mounted(&self.mountpoint) {
-            let _ = umount_cmd(&self.mountpoint)
-                .timeout(Duration::from_secs(20))
-                .run();
-        }
-        cleanup(&self.mountpoint);
-    }
+/// `runc --root STATE delete -f ID`, best effort (for `Drop`s).
+pub fn runc_delete(state: &Path, id: &str) {
+    let _ = Cmd::program("runc")
+        .arg("--root")
+        .arg(state)
+        .args(["delete", "-f", id])
+        .timeout(Duration::from_secs(20))
+        .run();
 }
 
 // ---------------------------------------------------------------------------------------------
