@@ -111,8 +111,21 @@ pub fn run(cfg: KeeperConfig) -> io::Result<i32> {
         .create(&cfg.run_dir)?;
     let socket = cfg.run_dir.join(format!("{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket)?;
-    listener.set_nonblocking(true)?;
+    // A mount must not fail for want of `ps` and `upgrade`: without its socket (e.g. a cache
+    // path longer than a socket address holds) the keeper still keeps the mount.
+    let listener = match UnixListener::bind(&socket).and_then(|l| {
+        l.set_nonblocking(true)?;
+        Ok(l)
+    }) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(
+                socket = %socket.display(),
+                "no control socket, so `imagefs ps` and `upgrade` will not see this mount: {e}"
+            );
+            None
+        }
+    };
     let mut k = Keeper {
         exe: cfg.exe.clone(),
         cfg,
@@ -129,13 +142,13 @@ pub fn run(cfg: KeeperConfig) -> io::Result<i32> {
         waiter: None,
         socket,
     };
-    let code = k.serve(signals, &listener);
+    let code = k.serve(signals, listener.as_ref());
     let _ = std::fs::remove_file(&k.socket);
     code
 }
 
 impl Keeper {
-    fn serve(&mut self, signals: OwnedFd, listener: &UnixListener) -> io::Result<i32> {
+    fn serve(&mut self, signals: OwnedFd, listener: Option<&UnixListener>) -> io::Result<i32> {
         self.spawn(true)?;
         loop {
             let link = self
@@ -146,7 +159,7 @@ impl Keeper {
             let fuse = self.fuse.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
             let mut fds = [
                 pollfd(signals.as_raw_fd(), libc::POLLIN),
-                pollfd(listener.as_raw_fd(), libc::POLLIN),
+                pollfd(listener.map_or(-1, |l| l.as_raw_fd()), libc::POLLIN),
                 pollfd(link, libc::POLLIN),
                 // Events 0: only POLLERR, which the device reports once the connection is gone.
                 pollfd(fuse, 0),
@@ -163,8 +176,10 @@ impl Keeper {
             if fds[2].revents != 0 {
                 self.on_link();
             }
-            if fds[1].revents != 0 {
-                self.on_control(listener);
+            if fds[1].revents != 0
+                && let Some(l) = listener
+            {
+                self.on_control(l);
             }
             if fds[3].revents & libc::POLLERR != 0 && !self.stopping {
                 tracing::info!("the mount is gone; waiting for its server to exit");
