@@ -252,17 +252,21 @@ fn assert_same_listing(what: &str, want: &BTreeSet<String>, got: &BTreeSet<Strin
 /// `ctr images mount --rw=false` mounts it.
 fn mount_view(c: &Containerd, key: &str, parent: &str, target: &Path) {
     fs::create_dir_all(target).unwrap();
-    let out = c.ctr(&["snapshots", "--snapshotter", SNAP, "view", key, parent]);
-    assert!(out.status.success(), "{}\n{}", out.report(), c.logs());
+    // The mount command comes from the `view` itself: ctr's lease on the new snapshot ends
+    // with the command, and containerd's garbage collector may remove an unreferenced
+    // snapshot before a second `ctr snapshots mounts` asks for it (seen once under load).
+    let target_arg = target.display().to_string();
     let cmd = c.ctr(&[
         "snapshots",
         "--snapshotter",
         SNAP,
-        "mounts",
-        &target.display().to_string(),
+        "view",
+        "--target",
+        &target_arg,
         key,
+        parent,
     ]);
-    cmd.assert_success();
+    assert!(cmd.status.success(), "{}\n{}", cmd.report(), c.logs());
     Cmd::program("sh")
         .args(["-c", cmd.stdout_str().trim()])
         .run()
