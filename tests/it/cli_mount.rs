@@ -16,8 +16,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, mpsc};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use crate::support::mounts::{
     Mount, TIMEOUT, daemon_pids, is_mounted, mount_cmd, mountpoint_dir, umount_cmd, wait_until,
 };
@@ -791,17 +789,8 @@ fn runc_runs_a_container_with_the_mount_as_read_only_rootfs() {
     let m = Mount::new(&imagefs, &[], &registry.reference("busybox:runc"));
 
     let bundle = tempfile::tempdir().unwrap();
-    Cmd::program("runc")
-        .args(["spec", "--bundle"])
-        .arg(bundle.path())
-        .run()
-        .assert_success();
-    let config_path = bundle.path().join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&fs::read(&config_path).unwrap()).unwrap();
-    config["root"] = json!({ "path": m.path(), "readonly": true });
-    config["process"]["args"] = json!(["/bin/sh", "-c", "cat /etc/os-release"]);
-    config["process"]["terminal"] = json!(false);
+    let (config_path, config) =
+        crate::support::survive::runc_spec(bundle.path(), m.path(), "cat /etc/os-release");
     fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
 
     let container = Container {

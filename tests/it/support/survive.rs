@@ -1131,16 +1131,7 @@ impl RuncLoop {
             .prefix("imagefs-runc-out-")
             .tempdir()
             .unwrap();
-        Cmd::program("runc")
-            .args(["spec", "--bundle"])
-            .arg(bundle.path())
-            .run()
-            .assert_success();
-        let config_path = bundle.path().join("config.json");
-        let mut config: Value = serde_json::from_slice(&fs::read(&config_path).unwrap()).unwrap();
-        config["root"] = json!({ "path": rootfs, "readonly": true });
-        config["process"]["args"] = json!(["/bin/sh", "-c", script]);
-        config["process"]["terminal"] = json!(false);
+        let (config_path, mut config) = runc_spec(bundle.path(), rootfs, &script);
         config["process"]["env"] = json!(["PATH=/bin", format!("WANT={}", want.join("\n"))]);
         config["mounts"]
             .as_array_mut()
@@ -1265,6 +1256,22 @@ impl Drop for RuncLoop {
     fn drop(&mut self) {
         runc_delete(self.state.path(), &self.id);
     }
+}
+
+/// `runc spec` in `bundle`, with `rootfs` as the read-only root and `/bin/sh -c script` as
+/// the process (no terminal): the config's path and value, to adjust and write back.
+pub fn runc_spec(bundle: &Path, rootfs: &Path, script: &str) -> (PathBuf, Value) {
+    Cmd::program("runc")
+        .args(["spec", "--bundle"])
+        .arg(bundle)
+        .run()
+        .assert_success();
+    let config_path = bundle.join("config.json");
+    let mut config: Value = serde_json::from_slice(&fs::read(&config_path).unwrap()).unwrap();
+    config["root"] = json!({ "path": rootfs, "readonly": true });
+    config["process"]["args"] = json!(["/bin/sh", "-c", script]);
+    config["process"]["terminal"] = json!(false);
+    (config_path, config)
 }
 
 /// `runc --root STATE delete -f ID`, best effort (for `Drop`s).
